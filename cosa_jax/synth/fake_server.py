@@ -1,0 +1,375 @@
+"""TEST DOUBLE: a scripted, fault-injecting OpenAI-compatible chat-completions server.
+
+Not a model. It answers deterministically so that tests, the benchmark and the synthesis demo can
+run the whole pipeline offline:
+- ``echo`` replies: a hash of the request (client tests, benchmark);
+- ``scripted`` replies: plays both generator and judge in the formats of ``judges.py``, using
+  the shipped prompt labels (``mini_prompts.jsonl``) so that the pipeline yields a mix of
+  refusals, allowed-risk and disallowed-risk answers. Every scripted response carries a visible
+  ``[scripted-risk: ...]`` marker that the scripted judge reads back.
+Faults (429 with Retry-After, 500, slow replies, hung replies, garbage bodies, dropped
+connections) are injected deterministically per (request, attempt), and every request is counted
+so tests can check that nothing completed is sent twice.
+
+Run standalone: ``python -m cosa_jax.synth.fake_server --port 8001 --latency 0.05``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import re
+import threading
+import time
+from collections import Counter
+from typing import Any, Callable
+
+from aiohttp import web
+
+from cosa_jax.synth import judges
+from cosa_jax.taxonomy import ALL_CATEGORIES, Category, parse_category, parse_categories
+
+FAULT_KINDS = ("429", "500", "slow", "hang", "garbage", "nochoices", "drop")
+
+REFUSAL = "I'm sorry, but I can't help with that request."
+_RISK_MARK_RE = re.compile(r"\[scripted-risk:\s*([^\]]*)\]")
+
+
+def _h(*parts: Any) -> int:
+    return int(hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:12], 16)
+
+
+def request_fingerprint(body: dict) -> str:
+    """What the server counts per request: model + messages + sampling params."""
+    keep = {k: v for k, v in body.items() if k not in ("stream",)}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
+
+
+# ----- reply scripts ---------------------------------------------------------------------
+
+
+def echo_reply(body: dict) -> str:
+    last = body["messages"][-1]["content"]
+    return "echo:" + hashlib.sha256(str(last).encode()).hexdigest()[:16]
+
+
+def _between(text: str, tag: str) -> str:
+    m = re.search(rf"<{tag}>\n?(.*?)\n?</{tag}>", text, re.DOTALL)
+    return m.group(1) if m else ""
+
+
+_KEYWORDS: dict[Category, tuple[str, ...]] = {
+    Category.FINANCIAL_CRIME: ("steal", "scam", "fraud", "pickpocket", "shoplift", "launder", "phishing", "embezzl", "burglar", "rob"),
+    Category.DISCRIMINATION: ("insult", "slur", "stereotype", "racist", "sexist", "discriminat", "bully"),
+    Category.VIOLENCE: ("fight", "hurt", "attack", "assault", "kill", "punch", "self-harm", "violent"),
+    Category.PRIVACY: ("address of", "track", "spy", "personal data", "dox", "password", "private information", "stalk"),
+    Category.DRUGS: ("drug", "cocaine", "weed", "cannabis", "overdose", "pills"),
+    Category.SEXUAL: ("cheat on", "affair", "harass", "explicit"),
+    Category.WEAPONS: ("gun", "firearm", "explosive", "bomb", "arson", "weapon"),
+}
+
+
+class PromptLabels:
+    """Prompt text -> categories: from the shipped label file, else keyword rules."""
+
+    def __init__(self, table: dict[str, tuple[Category, ...]] | None = None):
+        self.table = table if table is not None else _load_shipped_labels()
+
+    def __call__(self, prompt: str) -> tuple[Category, ...]:
+        key = " ".join(prompt.lower().split())
+        if key in self.table:
+            return self.table[key]
+        low = prompt.lower()
+        return parse_categories(c for c, words in _KEYWORDS.items() if any(w in low for w in words))
+
+
+def _load_shipped_labels() -> dict[str, tuple[Category, ...]]:
+    from cosa_jax.synth.inputs import load_mini_prompts  # local import: inputs imports datasets
+
+    return {" ".join(r["prompt"].lower().split()): parse_categories(r["categories"]) for r in load_mini_prompts()}
+
+
+def _allowed_from_system(system: str) -> tuple[Category, ...]:
+    out = []
+    for line in system.splitlines():
+        m = re.match(r"-\s+(.+?):\s", line)
+        if m:
+            try:
+                out.append(parse_category(m.group(1)))
+            except ValueError:
+                pass
+    return parse_categories(out)
+
+
+def _risk_json(cats: tuple[Category, ...]) -> str:
+    return json.dumps({c.value: (c in cats) for c in ALL_CATEGORIES})
+
+
+class ScriptedReplies:
+    """Deterministic generator + judge. ``judge_garbage_rate`` makes some judge replies unparseable."""
+
+    def __init__(self, labels: PromptLabels | None = None, judge_garbage_rate: float = 0.0, seed: int = 0):
+        self.labels = labels or PromptLabels()
+        self.judge_garbage_rate = judge_garbage_rate
+        self.seed = seed
+
+    def _garbage(self, user: str) -> bool:
+        return self.judge_garbage_rate > 0 and (_h(self.seed, "garbage", user) % 10_000) < self.judge_garbage_rate * 10_000
+
+    def __call__(self, body: dict) -> str:
+        msgs = body["messages"]
+        system = next((m["content"] for m in msgs if m["role"] == "system"), "")
+        user = next((m["content"] for m in reversed(msgs) if m["role"] == "user"), "")
+        if user.startswith("## Task:"):
+            if self._garbage(user):
+                return "I think this is fine overall, hard to say."  # no marker, no JSON
+            return self._judge(user)
+        return self._generate(system, user)
+
+    def _judge(self, user: str) -> str:
+        request, response = _between(user, "request"), _between(user, "response")
+        if user.startswith(judges.PROMPT_RISK_TITLE):
+            cats = self.labels(request)
+            lines = "\n".join(f"{c.value}: {'likely' if c in cats else 'unlikely'}." for c in ALL_CATEGORIES)
+            return f"Reasoning per category:\n{lines}\n{_risk_json(cats)}"
+        mark = _RISK_MARK_RE.search(response)
+        risks = () if not mark or mark.group(1).strip() in ("", "none") else parse_categories(
+            s for s in mark.group(1).split("|") if s.strip()
+        )
+        refused = response.startswith(REFUSAL)
+        if user.startswith(judges.RESPONSE_RISK_TITLE):
+            return f"The response was checked category by category.\n```json\n{_risk_json(risks)}\n```"
+        if user.startswith(judges.ADDRESSED_TITLE):
+            return "The response " + ("declines." if refused else "answers the question.") + (
+                "\n[[NO]]" if refused else "\n[[YES]]"
+            )
+        if user.startswith(judges.HELPFULNESS_TITLE):
+            return "Justification: scripted.\nRating: [[" + ("0" if refused else str(3 + _h(response) % 3)) + "]]"
+        if user.startswith(judges.COMPLIANCE_TITLE):
+            allowed = parse_categories(c for c in ALL_CATEGORIES if c.value.lower() in _between(user, "guideline").lower())
+            ok = set(risks) <= set(allowed) - {Category.OTHER}
+            return "Checked against the guideline.\n" + ("[[YES]]" if ok else "[[NO]]")
+        return "Unknown judge task."
+
+    def _generate(self, system: str, prompt: str) -> str:
+        cats = tuple(c for c in self.labels(prompt) if c != Category.OTHER)
+        allowed = _allowed_from_system(system)
+        style = _h(self.seed, system, prompt) % 4
+        if not cats:
+            risk: tuple[Category, ...] = ()
+        elif not allowed and "None." not in system:  # no rendered config: the safe generator
+            style = 0 if style < 3 else 1  # the safe generator mostly refuses risky prompts
+            risk = ()
+        elif style == 0:
+            risk = ()
+        elif style in (1, 2):
+            risk = tuple(c for c in cats if c in allowed)  # follows the config
+        else:
+            risk = cats  # ignores the config
+        if style == 0 and cats:
+            return f"{REFUSAL} [scripted-risk: none]"
+        topic = " ".join(prompt.split()[:8])
+        names = " | ".join(c.value for c in risk) or "none"
+        return f"Here is a scripted answer about '{topic}...': step one, step two, step three. [scripted-risk: {names}]"
+
+
+# ----- the server ------------------------------------------------------------------------
+
+
+class FakeChatServer:
+    """aiohttp chat-completions server in a background thread (or standalone via ``serve``).
+
+    ``fault_rate``: probability that an attempt of a request gets one of ``fault_kinds`` (drawn
+    deterministically from the request fingerprint and attempt number); after
+    ``max_faults_per_request`` faulty attempts a request always succeeds.
+    """
+
+    def __init__(
+        self,
+        reply: Callable[[dict], str] = echo_reply,
+        *,
+        latency_s: float = 0.0,
+        fault_rate: float = 0.0,
+        fault_kinds: tuple[str, ...] = FAULT_KINDS,
+        max_faults_per_request: int = 3,
+        slow_s: float = 0.2,
+        hang_s: float = 5.0,
+        retry_after: str = "0.01",
+        seed: int = 0,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ):
+        bad = set(fault_kinds) - set(FAULT_KINDS)
+        if bad:
+            raise ValueError(f"unknown fault kinds {sorted(bad)}; known: {FAULT_KINDS}")
+        self.reply = reply
+        self.latency_s = latency_s
+        self.fault_rate = fault_rate
+        self.fault_kinds = fault_kinds
+        self.max_faults = max_faults_per_request
+        self.slow_s, self.hang_s, self.retry_after = slow_s, hang_s, retry_after
+        self.seed = seed
+        self.host, self.port = host, port
+        self.attempts: Counter[str] = Counter()  # fingerprint -> requests received
+        self.ok: Counter[str] = Counter()  # fingerprint -> valid replies sent
+        self.faults: Counter[str] = Counter()  # fault kind -> count
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def total_requests(self) -> int:
+        return sum(self.attempts.values())
+
+    def _fault_for(self, fp: str, attempt: int) -> str | None:
+        if attempt > self.max_faults or self.fault_rate <= 0:
+            return None
+        if (_h(self.seed, fp, attempt) % 10_000) >= self.fault_rate * 10_000:
+            return None
+        return self.fault_kinds[_h(self.seed, "kind", fp, attempt) % len(self.fault_kinds)]
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return web.json_response({"error": {"message": "request body is not JSON"}}, status=400)
+        fp = request_fingerprint(body)
+        with self._lock:
+            self.attempts[fp] += 1
+            attempt = self.attempts[fp]
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            fault = self._fault_for(fp, attempt)
+            if fault:
+                with self._lock:
+                    self.faults[fault] += 1
+            if self.latency_s:
+                await asyncio.sleep(self.latency_s)
+            if fault == "429":
+                return web.json_response(
+                    {"error": {"message": "rate limited (injected)", "type": "rate_limit"}},
+                    status=429,
+                    headers={"Retry-After": self.retry_after},
+                )
+            if fault == "500":
+                return web.json_response({"error": {"message": "internal error (injected)"}}, status=500)
+            if fault == "garbage":
+                return web.Response(text="<html>upstream hiccup{{{", content_type="application/json")
+            if fault == "nochoices":
+                return web.json_response({"id": "x", "object": "chat.completion", "choices": []})
+            if fault == "drop":
+                request.transport.close()
+                return web.Response(status=500)
+            if fault == "hang":
+                await asyncio.sleep(self.hang_s)  # the client should time out before this
+                return web.json_response({"error": {"message": "too late"}}, status=504)
+            if fault == "slow":
+                await asyncio.sleep(self.slow_s)
+            text = self.reply(body)
+            with self._lock:
+                self.ok[fp] += 1
+            n_in = sum(len(str(m.get("content", ""))) for m in body.get("messages", [])) // 4
+            n_out = max(1, len(text) // 4)
+            return web.json_response(
+                {
+                    "id": f"chatcmpl-{fp[:12]}-{attempt}",
+                    "object": "chat.completion",
+                    "created": int(time.time()),
+                    "model": body.get("model", "fake"),
+                    "choices": [
+                        {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                    ],
+                    "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out},
+                }
+            )
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def _app(self) -> web.Application:
+        app = web.Application()
+        for path in ("/v1/chat/completions", "/chat/completions", "/openai/deployments/{dep}/chat/completions"):
+            app.router.add_post(path, self._handle)
+        return app
+
+    async def _start_async(self) -> None:
+        self._runner = web.AppRunner(self._app(), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, backlog=1024)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    def start(self) -> "FakeChatServer":
+        """Serve from a daemon thread; returns once the port is bound."""
+        ready = threading.Event()
+        err: list[BaseException] = []
+
+        def run():
+            self._loop = asyncio.new_event_loop()
+            try:
+                self._loop.run_until_complete(self._start_async())
+            except BaseException as e:  # surface bind errors to the caller
+                err.append(e)
+                ready.set()
+                return
+            ready.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name="fake-chat-server", daemon=True)
+        self._thread.start()
+        ready.wait(10)
+        if err:
+            raise err[0]
+        return self
+
+    def stop(self) -> None:
+        if self._loop is None:
+            return
+        fut = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop)
+        try:
+            fut.result(5)
+        except Exception:
+            pass
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread:
+            self._thread.join(5)
+        self._loop = None
+
+    def __enter__(self) -> "FakeChatServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="TEST DOUBLE chat-completions server (no model).")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8001)
+    ap.add_argument("--latency", type=float, default=0.0, help="fixed seconds per request")
+    ap.add_argument("--reply", choices=("echo", "scripted"), default="echo")
+    ap.add_argument("--fault-rate", type=float, default=0.0)
+    ap.add_argument("--judge-garbage-rate", type=float, default=0.0)
+    a = ap.parse_args(argv)
+    reply = echo_reply if a.reply == "echo" else ScriptedReplies(judge_garbage_rate=a.judge_garbage_rate)
+    srv = FakeChatServer(reply, latency_s=a.latency, fault_rate=a.fault_rate, host=a.host, port=a.port)
+
+    async def serve():
+        await srv._start_async()
+        print(f"fake chat server (test double) on {srv.base_url}", flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()

@@ -80,7 +80,11 @@ class RequestFailed(RuntimeError):
 
 @dataclasses.dataclass
 class UsageStats:
-    """Token and cost accounting for one endpoint; cached = answered from the journal."""
+    """Token and cost accounting for one endpoint.
+
+    ``cached`` counts requests not sent because the journal already held them or an identical
+    request in the same batch was sent instead.
+    """
 
     requests: int = 0
     cached: int = 0

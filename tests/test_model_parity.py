@@ -1,0 +1,90 @@
+"""Logits parity with transformers' PyTorch LlamaForCausalLM (the reference implementation)."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from cosa_jax.models import EMBEDDED_MODEL, load_hf, resolve_model_dir
+from cosa_jax.models.llama import forward, rope_inv_freq
+from model_fixtures import TINY_LLAMA31, hf_logits, make_hf_model, right_padded_batch
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_llama31")
+    return path, make_hf_model(path)
+
+
+def test_llama3_rope_scaling_is_active(tiny):
+    _, cfg = load_hf(tiny[0])
+    scaled, plain = rope_inv_freq(cfg), rope_inv_freq(cfg.replace(rope_scaling=("default",)))
+    assert cfg.rope_scaling[0] == "llama3"
+    assert np.isclose(scaled[0], plain[0])            # high frequency kept
+    assert np.isclose(scaled[-1], plain[-1] / 8.0)    # low frequency slowed by the factor
+    assert not np.isclose(scaled[1], plain[1]) and not np.isclose(scaled[1], plain[1] / 8)  # blended
+
+
+def test_tiny_llama31_logits_match_hf_right_padded(tiny):
+    path, hf = tiny
+    model, cfg = load_hf(path)
+    assert not cfg.tie_word_embeddings and cfg.num_kv_heads < cfg.num_heads
+    ids, mask = right_padded_batch(TINY_LLAMA31["vocab_size"], [37, 21, 30, 5], seed=1)
+    ref = hf_logits(hf, ids, mask)
+    ours = np.asarray(model(ids, mask))
+    assert ours.dtype == np.float32 and ours.shape == ref.shape
+    valid = mask.astype(bool)
+    diff = np.abs(ours - ref)[valid].max()
+    print(f"tiny Llama-3.1 fp32 max|dlogits| = {diff:.2e}")
+    assert diff <= 1e-4
+
+
+@pytest.mark.parametrize("impl", ["reference"])
+def test_attention_implementations_agree(tiny, impl):
+    path, _ = tiny
+    model, cfg = load_hf(path)
+    ids, mask = right_padded_batch(TINY_LLAMA31["vocab_size"], [16, 9], seed=2)
+    base = np.asarray(forward(model.params(), cfg, ids, mask))
+    other = np.asarray(forward(model.params(), cfg.replace(attention_impl=impl), ids, mask))
+    assert np.abs(base - other)[mask.astype(bool)].max() <= 1e-5
+
+
+def test_remat_does_not_change_logits_or_grads(tiny):
+    import jax
+    import jax.numpy as jnp
+    path, _ = tiny
+    model, cfg = load_hf(path)
+    ids, mask = right_padded_batch(TINY_LLAMA31["vocab_size"], [12, 7], seed=3)
+
+    def loss(p, c):
+        return jnp.mean(forward(p, c, ids, mask) ** 2)
+
+    g0 = jax.grad(loss)(model.params(), cfg)
+    g1 = jax.grad(loss)(model.params(), cfg.replace(remat="full"))
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_compute_stays_close(tiny):
+    path, hf = tiny
+    model, cfg = load_hf(path, dtype="float32", compute_dtype="bfloat16")
+    ids, mask = right_padded_batch(TINY_LLAMA31["vocab_size"], [20], seed=4)
+    ref = hf_logits(hf, ids, mask)
+    ours = np.asarray(model(ids, mask))
+    assert ours.dtype == np.float32
+    rel = np.abs(ours - ref).max() / np.abs(ref).max()
+    assert rel < 5e-2, rel
+
+
+@pytest.mark.slow
+def test_smollm2_real_weights_match_hf():
+    path = resolve_model_dir(EMBEDDED_MODEL)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model, cfg = load_hf(EMBEDDED_MODEL)
+    assert cfg.num_layers == 30 and cfg.tie_word_embeddings
+    ids, mask = right_padded_batch(cfg.vocab_size, [48, 31], seed=5)
+    ref = hf_logits(hf, ids, mask)
+    ours = np.asarray(model(ids, mask))
+    diff = np.abs(ours - ref)[mask.astype(bool)].max()
+    print(f"SmolLM2-135M fp32 max|dlogits| = {diff:.2e} (logit scale {np.abs(ref).max():.1f})")
+    assert diff <= 1e-3

@@ -31,7 +31,8 @@ from aiohttp import web
 from cosa_jax.synth import judges
 from cosa_jax.taxonomy import ALL_CATEGORIES, Category, parse_category, parse_categories
 
-FAULT_KINDS = ("429", "500", "slow", "hang", "garbage", "nochoices", "drop")
+TRANSIENT_FAULTS = ("429", "500", "slow", "hang", "garbage", "nochoices", "drop")
+FAULT_KINDS = TRANSIENT_FAULTS + ("400", "401")  # the last two are permanent: retrying cannot help
 
 REFUSAL = "I'm sorry, but I can't help with that request."
 _RISK_MARK_RE = re.compile(r"\[scripted-risk:\s*([^\]]*)\]")
@@ -192,7 +193,7 @@ class FakeChatServer:
         *,
         latency_s: float = 0.0,
         fault_rate: float = 0.0,
-        fault_kinds: tuple[str, ...] = FAULT_KINDS,
+        fault_kinds: tuple[str, ...] = TRANSIENT_FAULTS,
         max_faults_per_request: int = 3,
         slow_s: float = 0.2,
         hang_s: float = 5.0,
@@ -215,6 +216,7 @@ class FakeChatServer:
         self.attempts: Counter[str] = Counter()  # fingerprint -> requests received
         self.ok: Counter[str] = Counter()  # fingerprint -> valid replies sent
         self.faults: Counter[str] = Counter()  # fault kind -> count
+        self.log: list[tuple[float, str]] = []  # (arrival time, last message content) per request
         self.in_flight = 0
         self.max_in_flight = 0
         self._lock = threading.Lock()
@@ -245,6 +247,8 @@ class FakeChatServer:
         with self._lock:
             self.attempts[fp] += 1
             attempt = self.attempts[fp]
+            msgs = body.get("messages") or [{}]
+            self.log.append((time.monotonic(), str(msgs[-1].get("content", ""))))
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -260,6 +264,8 @@ class FakeChatServer:
                     status=429,
                     headers={"Retry-After": self.retry_after},
                 )
+            if fault in ("400", "401"):
+                return web.json_response({"error": {"message": f"injected {fault}"}}, status=int(fault))
             if fault == "500":
                 return web.json_response({"error": {"message": "internal error (injected)"}}, status=500)
             if fault == "garbage":
@@ -302,7 +308,7 @@ class FakeChatServer:
         return app
 
     async def _start_async(self) -> None:
-        self._runner = web.AppRunner(self._app(), access_log=None)
+        self._runner = web.AppRunner(self._app(), access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, backlog=1024)
         await site.start()
@@ -334,14 +340,23 @@ class FakeChatServer:
     def stop(self) -> None:
         if self._loop is None:
             return
-        fut = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop)
+
+        async def shutdown():
+            await self._runner.cleanup()
+            me = asyncio.current_task()
+            rest = [t for t in asyncio.all_tasks() if t is not me]
+            for t in rest:  # hung handlers: cancel rather than leave them pending
+                t.cancel()
+            await asyncio.gather(*rest, return_exceptions=True)
+
         try:
-            fut.result(5)
+            asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
         except Exception:
             pass
         self._loop.call_soon_threadsafe(self._loop.stop)
         if self._thread:
             self._thread.join(5)
+        self._loop.close()
         self._loop = None
 
     def __enter__(self) -> "FakeChatServer":

@@ -167,7 +167,7 @@ def test_category_in_context_uses_only_exactly_matching_pairs(server, category_d
         + [{"prompt": f"none shot {i}", "chosen_response": "no", "spec_i": "--"} for i in range(6)]
         + [{"prompt": "wrong config", "chosen_response": "x", "spec_i": "-Violence-Privacy_Violations-"}],
     )
-    with pytest.warns(UserWarning, match="config 'Violence' has fewer than k=5"):
+    with pytest.warns(UserWarning, match=r"fewer than k=5 .* config\(s\) 'Violence' \(min 4\);"):
         res = evaluate(make_cfg(server, tmp_path / "ic", "cosalign_test", category_data, "in_context", k=5, train_pairs=pairs))
     m = res["metrics"]
     assert m["per_config"]["Violence"]["cosa_score"] == pytest.approx((1.0 + 0.0) / 2)  # B now refused
@@ -215,7 +215,7 @@ def test_freeform_configs_base_in_context_and_cascade(server, freeform_data, tmp
             {"scenario_name": "beta", "prompt": "beta shot 1", "response": "r"},
         ],
     )
-    with pytest.warns(UserWarning, match="config 'beta'"):
+    with pytest.warns(UserWarning, match=r"config\(s\) 'beta' \(min 1\)"):
         res = evaluate(make_cfg(server, tmp_path / "f1", "cosapien", freeform_data, "in_context", k=2, shots=shots))
     assert res["metrics"]["cosa_score"] == pytest.approx(((1.0 + 0.0) / 2 + 0.8) / 2)
     assert res["in_context"]["min_shots_per_config"] == {"alpha": 2, "beta": 1}

@@ -87,13 +87,14 @@ def draw_shots(
 
 
 def warn_missing_shots(shots_used: Mapping[str, list[int]], k: int) -> list[str]:
-    """Configs where some example got fewer than k shots; warns once per config."""
+    """Configs where some example got fewer than k shots; one warning lists them all."""
     short = sorted(cid for cid, ns in shots_used.items() if min(ns) < k)
-    for cid in short:
+    if short:
+        detail = ", ".join(f"{cid!r} (min {min(shots_used[cid])})" for cid in short)
         warnings.warn(
-            f"in-context baseline: config {cid!r} has fewer than k={k} matching demonstrations "
-            f"(min {min(shots_used[cid])}); add training pairs or hand-written shots for it",
-            stacklevel=2,
+            f"in-context baseline: fewer than k={k} matching demonstrations for config(s) {detail}; "
+            "add training pairs or hand-written shots for them",
+            stacklevel=3,
         )
     return short
 

@@ -1,0 +1,24 @@
+"""The paper's CoSAlign-Test evaluation: 8 configs x 400 prompts from the hub (needs network),
+greedy generation up to 1,024 tokens from a served candidate, GPT-4o as the judge.
+
+Candidate: ``python -m launch.serve --model PATH`` on port 8000 (or any OpenAI-compatible server).
+Judge: OpenAI (``OPENAI_API_KEY``); for Azure set ``judge.api_type='azure'``, ``judge.base_url``
+and ``judge.api_version``. Baselines: ``--config.baseline.name=in_context`` with
+``--config.baseline.train_pairs=<CoSAlign-Train file or microsoft/CoSAlign-Train>``,
+``cascade_judge`` or ``cascade_self``.
+"""
+
+from cosa_jax.eval.pipeline import base_config
+
+
+def get_config():
+    c = base_config()
+    c.output_dir = "runs/eval_cosalign_test"
+    c.max_new_tokens = 1024
+    c.dataset.name = "cosalign_test"
+    c.dataset.source = "microsoft/CoSAlign-Test"
+    c.candidate.update(model="cosa", base_url="http://127.0.0.1:8000/v1", api_key_env="", concurrency=32)
+    c.judge.update(model="gpt-4o", base_url="", api_key_env="OPENAI_API_KEY", max_tokens=1024, concurrency=16)
+    c.baseline.name = "none"
+    c.baseline.k = 5
+    return c

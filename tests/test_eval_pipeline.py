@@ -274,3 +274,12 @@ def test_compare_report_and_config_errors(server, category_data, tmp_path):
         evaluate(make_cfg(server, tmp_path / "y", "cosalign_test", category_data, "in_context"))
     with pytest.raises(ValueError, match="unknown baseline 'cascade'"):
         evaluate(make_cfg(server, tmp_path / "z", "cosalign_test", category_data, "cascade"))
+
+
+def test_one_output_dir_per_model(server, category_data, tmp_path):
+    cfg = make_cfg(server, tmp_path / "shared", "cosalign_test", category_data)
+    cfg.label = "base"
+    evaluate(cfg)
+    cfg.label = "trained"
+    with pytest.raises(ValueError, match="give each model .* its own output_dir"):
+        evaluate(cfg)

@@ -142,8 +142,12 @@ def run_chats(
     role: str,
     progress: bool,
     fn: ChatFn | None = None,
+    salt: str = "",
 ) -> tuple[list[str | None], dict[str, Any]]:
-    """Texts in order (None where a request failed) and usage; journaled chats are not re-sent."""
+    """Texts in order (None where a request failed) and usage; journaled chats are not re-sent.
+
+    ``salt`` enters the journal key only (it is not sent): two models served under one name but
+    with different labels never share journal entries."""
     if not chats:
         return [], {}
     kind = role_cfg.get("kind", "openai")
@@ -155,7 +159,7 @@ def run_chats(
         if not ep_fields.get("api_key_env"):
             ep_fields["api_key_env"] = None
         endpoint = EndpointConfig.from_mapping(ep_fields, where=f"config.{role}")
-        reqs = [ChatRequest(list(m), params=dict(params)) for m in chats]
+        reqs = [ChatRequest(list(m), params=dict(params), salt=salt) for m in chats]
         results, usage = run_requests_sync(endpoint, journal, reqs, role=role, desc=role, progress=progress)
         return [None if r is None else r["text"] for r in results], dict(vars(usage))
     if kind != "callable":
@@ -164,7 +168,7 @@ def run_chats(
     if not callable(fn):
         raise ValueError(f"config.{role}: kind 'callable' needs a Python callable in config.{role}.fn")
     label = _endpoint_label(role_cfg)
-    keys = [request_key(label, m, params) for m in chats]
+    keys = [request_key(label, m, dict(params, __salt__=salt) if salt else params) for m in chats]
     todo: dict[str, list[dict[str, str]]] = {}
     for k, m in zip(keys, chats):
         if k not in journal and k not in todo:
@@ -215,6 +219,22 @@ def _prepare_shots(cfg: Mapping[str, Any], examples: Sequence[ds.EvalExample]) -
     return shots, info
 
 
+def _check_run_identity(out: Path, label: str, candidate: str) -> None:
+    """One output_dir holds one model's run: resuming another model there would mix results."""
+    meta = out / "journal" / "run.json"
+    ident = {"label": label, "candidate": candidate}
+    if meta.exists():
+        old = json.loads(meta.read_text())
+        if old != ident:
+            raise ValueError(
+                f"{out} already holds the evaluation of {old}, not {ident}: give each model "
+                "(label) its own output_dir"
+            )
+    else:
+        meta.parent.mkdir(parents=True, exist_ok=True)
+        meta.write_text(json.dumps(ident))
+
+
 def evaluate(cfg: Any, *, candidate_fn: ChatFn | None = None, judge_fn: ChatFn | None = None) -> dict[str, Any]:
     """Run one evaluation and write its report; returns the results dict (also results.json)."""
     c = _merged(cfg)
@@ -250,10 +270,13 @@ def _evaluate(c: dict[str, Any], candidate_fn: ChatFn | None, judge_fn: ChatFn |
         shots, in_context_info = _prepare_shots(c, examples)
     chats = [bl.build_messages(sp, e.prompt, s) for e, sp, s in zip(examples, system_prompts, shots)]
 
+    label = c["label"] or _endpoint_label(c["candidate"])
+    _check_run_identity(out, label, _endpoint_label(c["candidate"]))
     usage: dict[str, Any] = {}
     with Journal(out / "journal" / "candidate.jsonl") as jc, Journal(out / "journal" / "judge.jsonl") as jj:
         responses, usage["candidate"] = run_chats(
-            c["candidate"], jc, chats, c["max_new_tokens"], role="candidate", progress=progress, fn=candidate_fn
+            c["candidate"], jc, chats, c["max_new_tokens"], role="candidate", progress=progress, fn=candidate_fn,
+            salt=label,
         )
         ok = [i for i, r in enumerate(responses) if r is not None]
         judge_chats = [judges.helpfulness_messages(examples[i].prompt, responses[i]) for i in ok]
@@ -275,7 +298,7 @@ def _evaluate(c: dict[str, Any], candidate_fn: ChatFn | None, judge_fn: ChatFn |
             self_chats = [bl.self_check_messages(examples[i], system_prompts[i], responses[i]) for i in ok]
             texts, usage["self_check"] = run_chats(
                 c["candidate"], jc, self_chats, c["baseline"]["self_check_max_tokens"], role="self_check",
-                progress=progress, fn=candidate_fn,
+                progress=progress, fn=candidate_fn, salt=label,
             )
             self_raw = dict(zip(ok, texts))
 
@@ -346,7 +369,7 @@ def _evaluate(c: dict[str, Any], candidate_fn: ChatFn | None, judge_fn: ChatFn |
 
     metrics = cosa_score([record(r) for r in rows], train_categories=train)
     results = {
-        "label": c["label"] or _endpoint_label(c["candidate"]),
+        "label": label,
         "dataset": f"{dcfg['name']}:{dcfg['source'] or 'mini'}",
         "baseline": baseline,
         "candidate": _endpoint_label(c["candidate"]),

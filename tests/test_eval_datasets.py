@@ -160,3 +160,38 @@ def test_rendering_is_seeded_per_example_and_uses_the_training_renderer():
 def test_unknown_dataset_name():
     with pytest.raises(ValueError, match="unknown evaluation dataset 'xstest'"):
         ds.load_eval_set("xstest")
+
+
+def test_hub_layouts_with_a_stand_in_for_load_dataset(monkeypatch):
+    """The hub code paths (config/split names -> configs) without network: load_dataset is
+    replaced by local Datasets laid out as the dataset cards describe."""
+    import datasets
+
+    row = lambda p: {"prompt": p, "mode": "exact", "situation": "1"}  # noqa: E731
+    seen = ["Violence", "Financial_Crime_and_Theft.Privacy_Violations", "Discrimination_and_Verbal_Abuse.Violence",
+            "Financial_Crime_and_Theft.Discrimination_and_Verbal_Abuse.Violence", "safe"]
+    unseen = ["Illegal_Drug.Related_Activities_and_Substance_Abuse", "Sexual_Misconduct_Exploitation_and_Infidelity",
+              "Violence.Weapons_Explosives_Arson_and_Illegal_Firearm_Transactions"]
+    calls = []
+
+    def fake_load(path, name=None, split=None, **kw):
+        calls.append((path, name, split))
+        if path == ds.COSALIGN_TEST_HUB:
+            splits = seen if name == "seen" else unseen
+            return datasets.DatasetDict({s: datasets.Dataset.from_list([row(f"{s} q")]) for s in splits})
+        if path == ds.COSAPIEN_HUB:
+            return datasets.Dataset.from_list([{"prompt": f"{split} q", "scenario": f"{split} text", "type": "Allowed"}])
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    xs = ds.load_cosalign_test(ds.COSALIGN_TEST_HUB)
+    assert [c[1] for c in calls] == ["seen", "unseen"]
+    assert {e.config_id for e in xs} == {
+        "none", "Violence", "FinCrime+Privacy", "Discrim+Violence", "FinCrime+Discrim+Violence",
+        "Drugs", "Sexual", "Violence+Weapons",
+    }
+    ys = ds.load_cosapien(ds.COSAPIEN_HUB)
+    assert [e.config_id for e in ys] == list(ds.COSAPIEN_SPLITS)
+    assert ys[0].config_text == "game_development text" and ys[0].prompt_type == "allowed"
+    with pytest.raises(RuntimeError, match="could not load microsoft/CoSAlign-Train .* local file"):
+        ds.load_train_pairs(ds.COSALIGN_TRAIN_HUB)

@@ -110,7 +110,7 @@ def _merged(cfg: Any) -> dict[str, Any]:
     unknown = sorted(set(user) - set(base))
     if unknown:
         raise ValueError(f"evaluation config: unknown key(s) {unknown}; known: {sorted(base)}")
-    out = dict(base)
+    out = {k: _as_dict(v) if isinstance(v, ml_collections.ConfigDict) else v for k, v in base.items()}
     for k, v in user.items():
         if isinstance(base[k], ml_collections.ConfigDict):
             sub = _as_dict(base[k])

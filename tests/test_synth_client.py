@@ -36,11 +36,12 @@ def _reqs(n, tag="q"):
     return [ChatRequest([{"role": "user", "content": f"{tag}{i}"}]) for i in range(n)]
 
 
-def test_every_record_exactly_once_under_faults(tmp_path):
+@pytest.mark.parametrize("backend", ["aiohttp", "httpx"])
+def test_every_record_exactly_once_under_faults(tmp_path, backend):
     with FakeChatServer(fault_rate=0.5, hang_s=1.5, slow_s=0.05, latency_s=0.005, seed=1) as srv:
         reqs = _reqs(200)
         with Journal(tmp_path / "j.jsonl") as j:
-            res, usage = run_requests_sync(_ep(srv), j, reqs, progress=False)
+            res, usage = run_requests_sync(_ep(srv, http_backend=backend), j, reqs, progress=False)
         # every kind of fault was injected and survived
         assert set(srv.faults) == {"429", "500", "slow", "hang", "garbage", "nochoices", "drop"}
         assert usage.failed == 0 and usage.retries > 0
@@ -53,7 +54,7 @@ def test_every_record_exactly_once_under_faults(tmp_path):
         # a rerun sends nothing at all
         n_before = srv.total_requests()
         with Journal(tmp_path / "j.jsonl") as j:
-            res2, usage2 = run_requests_sync(_ep(srv), j, reqs, progress=False)
+            res2, usage2 = run_requests_sync(_ep(srv, http_backend=backend), j, reqs, progress=False)
         assert srv.total_requests() == n_before and usage2.cached == 200 and res2 == res
 
 

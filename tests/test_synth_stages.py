@@ -41,7 +41,7 @@ def pipeline(tmp_path_factory):
     test_file = tmp / "test_prompts.jsonl"
     held = [r["prompt"] for r in load_mini_prompts()[:2]]
     test_file.write_text("".join(json.dumps({"prompt": p.upper()}) + "\n" for p in held))
-    with FakeChatServer(ScriptedReplies(judge_garbage_rate=0.05)) as srv:
+    with FakeChatServer(ScriptedReplies(judge_garbage_rate=0.2)) as srv:
         cfg = _demo_config(tmp / "out", srv.base_url)
         cfg.test_prompts = [str(test_file)]
         stages.run_all(cfg)
@@ -109,6 +109,8 @@ def test_summaries_count_invalid_and_overlap(pipeline):
     assert not set(prompts) & set(pipeline["held"])
     lr = s("label_responses")
     assert lr["addressed_invalid"] + lr["risk_invalid"] > 0  # garbage judge replies were counted
+    # re-asking recovered most of them: far fewer invalid than first-pass garbage
+    assert lr["judge_reasks"] > 2 * (lr["addressed_invalid"] + lr["risk_invalid"])
     assert s("score")["responses_invalid_labels"] == lr["addressed_invalid"] + lr["risk_invalid"] - sum(
         1
         for r in datasets.load_from_disk(str(pipeline["out"] / "labelled_responses"))
@@ -147,3 +149,38 @@ def test_host_modules_do_not_import_jax():
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", ["synth_demo", "synth_gpt4o"])
+def test_shipped_configs_give_valid_endpoints(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = mod.get_config()
+    for role in ("permissive", "safe", "judge"):
+        ep = stages.endpoint(cfg, role)
+        assert ep.model and ep.params
+    assert set(stages.train_categories(cfg)) == set(SEEN_CATEGORIES)
+
+
+def test_run_judge_for_evaluation(tmp_path):
+    """The evaluation-side entry point: helpfulness and compliance judges through the journal."""
+    from cosa_jax.synth import judges
+    from cosa_jax.synth.client import EndpointConfig
+    from cosa_jax.synth.fake_server import REFUSAL
+    from cosa_jax.synth.judging import run_judge
+
+    with FakeChatServer(ScriptedReplies(judge_garbage_rate=0.0)) as srv:
+        ep = EndpointConfig(model="judge", base_url=srv.base_url, api_key_env="", params={"temperature": 0.0})
+        answers = [REFUSAL, "Here it is. [scripted-risk: Violence]", "Sure. [scripted-risk: Privacy Violations]"]
+        chats = [judges.helpfulness_messages("q", a) for a in answers]
+        res, usage = run_judge(ep, tmp_path / "h.jsonl", chats, judges.parse_rating, progress=False)
+        assert [r.valid for r in res] == [True] * 3 and res[0].value == 0 and all(r.value >= 3 for r in res[1:])
+        config = "Violence is fine for this game studio. Personal data must be protected."
+        chats = [judges.compliance_messages(config, "q", a) for a in answers]
+        res, _ = run_judge(ep, tmp_path / "c.jsonl", chats, judges.parse_compliance, progress=False)
+        # the scripted judge allows categories whose names appear in the guideline text
+        assert [r.value for r in res] == [True, True, False]
+        n = srv.total_requests()
+        run_judge(ep, tmp_path / "c.jsonl", chats, judges.parse_compliance, progress=False)
+        assert srv.total_requests() == n

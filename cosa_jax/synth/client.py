@@ -284,7 +284,7 @@ class ChatClient:
                 kind, last = "timeout", f"timeout: {e}"
             except openai.APIConnectionError as e:
                 kind, last = "connection", f"connection error: {e}"
-            except (openai.APIResponseValidationError, _BadReply, json.JSONDecodeError) as e:
+            except (openai.APIResponseValidationError, _BadReply, json.JSONDecodeError, UnicodeDecodeError) as e:
                 kind, last = "bad_reply", f"unusable reply: {str(e)[:200]}"
             self.usage.count_error(kind)
             if attempt + 1 >= ep.max_attempts:

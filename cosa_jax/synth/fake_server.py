@@ -116,15 +116,17 @@ class ScriptedReplies:
         self.judge_garbage_rate = judge_garbage_rate
         self.seed = seed
 
-    def _garbage(self, user: str) -> bool:
-        return self.judge_garbage_rate > 0 and (_h(self.seed, "garbage", user) % 10_000) < self.judge_garbage_rate * 10_000
+    def _garbage(self, user: str, temperature: Any) -> bool:
+        # keyed on the temperature too, so a re-ask at another temperature can recover
+        h = _h(self.seed, "garbage", user, temperature)
+        return self.judge_garbage_rate > 0 and (h % 10_000) < self.judge_garbage_rate * 10_000
 
     def __call__(self, body: dict) -> str:
         msgs = body["messages"]
         system = next((m["content"] for m in msgs if m["role"] == "system"), "")
         user = next((m["content"] for m in reversed(msgs) if m["role"] == "user"), "")
         if user.startswith("## Task:"):
-            if self._garbage(user):
+            if self._garbage(user, body.get("temperature")):
                 return "I think this is fine overall, hard to say."  # no marker, no JSON
             return self._judge(user)
         return self._generate(system, user)

@@ -26,7 +26,7 @@ from cosa_jax import safety_configs as sc
 from cosa_jax.synth import inputs, judges
 from cosa_jax.synth.client import ChatClient, ChatRequest, EndpointConfig, UsageStats, run_requests
 from cosa_jax.synth.journal import Journal
-from cosa_jax.synth.judges import JudgeResult
+from cosa_jax.synth.judging import judge_batch
 from cosa_jax.synth.pairing import LabelledResponse, make_pairs
 from cosa_jax.synth.scoring import ScoreWeights, error_score
 from cosa_jax.taxonomy import (
@@ -138,45 +138,6 @@ def _check_failures(results: Sequence[Any], what: str, cfg: Any) -> int:
     return n_failed
 
 
-async def _judge_batch(
-    client: ChatClient,
-    journal: Journal,
-    chats: Sequence[list[dict[str, str]]],
-    parse: Callable[[Any], JudgeResult],
-    *,
-    retries: int,
-    retry_temperature: float,
-    desc: str,
-    progress: bool,
-) -> tuple[list[JudgeResult | None], int]:
-    """Judge every chat; unparseable outputs are re-asked up to ``retries`` times (new salt).
-
-    Returns one JudgeResult per chat (None if the request itself failed) and the retry count.
-    """
-    results: list[JudgeResult | None] = [None] * len(chats)
-    todo = list(range(len(chats)))
-    n_retried = 0
-    for attempt in range(retries + 1):
-        params = {} if attempt == 0 else {"temperature": retry_temperature}
-        reqs = [ChatRequest(chats[i], params=params, salt="" if attempt == 0 else f"reparse{attempt}") for i in todo]
-        replies = await run_requests(client, journal, reqs, desc=f"{desc}" + (f" retry {attempt}" if attempt else ""), progress=progress)
-        still = []
-        for i, rep in zip(todo, replies):
-            if rep is None:
-                continue
-            res = parse(rep["text"])
-            if res.valid or results[i] is None:
-                results[i] = res
-            if not res.valid:
-                still.append(i)
-        if attempt:
-            n_retried += len(todo)
-        todo = still
-        if not todo:
-            break
-    return results, n_retried
-
-
 # ----- stage 1: load prompts ----------------------------------------------------------------
 
 PROMPT_FEATURES = datasets.Features(
@@ -243,7 +204,7 @@ def label_prompts(cfg: Any) -> dict[str, Any]:
         client = ChatClient(endpoint(cfg, "judge"), "judge")
         try:
             with _journal(cfg, "label_prompts") as j:
-                res = await _judge_batch(
+                res = await judge_batch(
                     client, j, chats, judges.parse_risk_set,
                     retries=int(_cfg_get(cfg, "judge_retries", 1)),
                     retry_temperature=float(_cfg_get(cfg, "judge_retry_temperature", 0.7)),
@@ -440,9 +401,9 @@ def label_responses(cfg: Any) -> dict[str, Any]:
         try:
             with _journal(cfg, "label_responses") as j:
                 addr, risk = await asyncio.gather(
-                    _judge_batch(client, j, [judges.addressed_messages(r["prompt"], r["response"]) for r in rows],
+                    judge_batch(client, j, [judges.addressed_messages(r["prompt"], r["response"]) for r in rows],
                                  judges.parse_yes_no, desc="judge addressed", **kw),
-                    _judge_batch(client, j, [judges.response_risk_messages(r["prompt"], r["response"]) for r in rows],
+                    judge_batch(client, j, [judges.response_risk_messages(r["prompt"], r["response"]) for r in rows],
                                  judges.parse_risk_set, desc="judge risk", **kw),
                 )
             return addr, risk, client.usage

@@ -7,7 +7,6 @@ The server (cosa_jax.synth.fake_server, a test double) speaks the chat-completio
 import asyncio
 import os
 import time
-import warnings
 
 import pytest
 
@@ -18,7 +17,6 @@ from cosa_jax.synth.client import (
     FatalEndpointError,
     TokenBucket,
     _retry_after_s,
-    run_requests,
     run_requests_sync,
 )
 from cosa_jax.synth.fake_server import FakeChatServer, echo_reply

@@ -16,7 +16,7 @@ import json
 import os
 import random
 import time
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import httpx2
 import openai

@@ -105,6 +105,9 @@ def load_preference_rows(source: str | Path, *, split: str = "train") -> list[di
     """
     import datasets
 
+    from cosa_jax.data import resolve_bundled
+
+    source = resolve_bundled(source)
     path = Path(str(source)).expanduser()
     if path.suffix in (".jsonl", ".json", ".parquet") and not path.is_file():
         raise DataError(f"{source}: file not found")

@@ -1,0 +1,141 @@
+"""Training config: every key with its default, and validation with errors that name the key.
+
+Config files in ``configs/`` start from ``default_config()`` and override what they need;
+``python -m launch.train --config configs/X.py --config.train.lr=1e-6`` overrides from the
+command line (ml_collections rejects unknown keys and wrong types there).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+MODES = ("sft", "dpo")
+TRUNCATIONS = ("reference", "none", "error")
+
+
+class TrainConfigError(ValueError):
+    """A training config value that cannot work; the message names the key."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.output_dir = "runs/default"
+
+    c.model = ml_collections.ConfigDict()
+    c.model.path = "embedded:smollm2-135m-instruct"   # HF dir, hub id, or embedded:NAME
+    c.model.param_dtype = "float32"                    # master weights (+ optimiser state)
+    c.model.compute_dtype = "bfloat16"
+    c.model.attention_impl = "xla"                     # xla | cudnn | reference
+    c.model.remat = "none"                             # none | full | dots | dots_with_no_batch_dims
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train = ""                                  # jsonl / parquet / save_to_disk dir / hub id
+    c.data.train_split = "train"
+    c.data.eval = ""                                   # optional dev pairs
+    c.data.eval_split = "train"
+    c.data.eval_pairs = 256
+    c.data.truncation = "reference"                    # reference | none | error
+    c.data.max_length = 640
+    c.data.max_prompt_length = 512
+    c.data.max_target_length = 128
+    c.data.pad_multiple = 64
+
+    c.train = ml_collections.ConfigDict()
+    c.train.mode = "dpo"                               # sft | dpo
+    c.train.epochs = 3
+    c.train.max_steps = -1                             # > 0 overrides epochs
+    c.train.batch_size = 32                            # global, in pairs (dpo) or examples (sft)
+    c.train.grad_accum = 4
+    c.train.lr = 5e-7
+    c.train.warmup_steps = 150
+    c.train.schedule = "constant"                      # constant | cosine
+    c.train.clip_norm = 10.0
+    c.train.rmsprop_decay = 0.99
+    c.train.rmsprop_eps = 1e-8
+    c.train.weight_decay = 0.0
+    c.train.logps_chunk = 128
+    c.train.log_every = 1
+    c.train.eval_every = 0                             # optimiser steps; 0 = only at the end
+    c.train.shuffle = True
+
+    c.dpo = ml_collections.ConfigDict()
+    c.dpo.beta = 0.1
+    c.dpo.label_smoothing = 0.0
+    c.dpo.loss_type = "sigmoid"                        # sigmoid | ipo | hinge
+    c.dpo.precompute_ref = False
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = (1, -1, 1)                          # (data, fsdp, tensor); -1 = the rest
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.dir = ""                              # default: <output_dir>/checkpoints
+    c.checkpoint.every = 100
+    c.checkpoint.keep = 2
+    c.checkpoint.async_save = True
+
+    c.export = ml_collections.ConfigDict()
+    c.export.hf_dir = ""                               # default: <output_dir>/hf
+    c.export.dtype = ""                                # default: the parameter dtype
+
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.initialize = "auto"                  # auto | yes | no
+    return c
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Raise TrainConfigError naming the first bad key."""
+    def bad(key, why):
+        raise TrainConfigError(f"config key {key}: {why}")
+
+    if c.train.mode not in MODES:
+        bad("train.mode", f"{c.train.mode!r} is not one of {MODES}")
+    if not c.data.train:
+        bad("data.train", "no training data given (a jsonl/parquet file, a dataset dir or hub id)")
+    if not c.model.path:
+        bad("model.path", "no model given")
+    if c.data.truncation not in TRUNCATIONS:
+        bad("data.truncation", f"{c.data.truncation!r} is not one of {TRUNCATIONS}")
+    for key in ("train.batch_size", "train.grad_accum", "data.max_length", "data.max_prompt_length",
+                "train.logps_chunk", "checkpoint.keep", "train.log_every"):
+        section, name = key.split(".")
+        if int(c[section][name]) <= 0:
+            bad(key, f"must be positive, got {c[section][name]}")
+    if c.train.batch_size % c.train.grad_accum:
+        bad("train.batch_size", f"{c.train.batch_size} is not divisible by train.grad_accum="
+                                f"{c.train.grad_accum}")
+    if c.train.lr <= 0:
+        bad("train.lr", f"must be > 0, got {c.train.lr}")
+    if c.train.warmup_steps < 0:
+        bad("train.warmup_steps", "must be >= 0")
+    if c.train.max_steps <= 0 and c.train.epochs <= 0:
+        bad("train.epochs", "set train.epochs > 0 or train.max_steps > 0")
+    if c.data.max_prompt_length > c.data.max_length:
+        bad("data.max_prompt_length", "is larger than data.max_length")
+    if c.dpo.beta <= 0:
+        bad("dpo.beta", f"must be > 0, got {c.dpo.beta}")
+    if not 0 <= c.dpo.label_smoothing < 0.5:
+        bad("dpo.label_smoothing", "must be in [0, 0.5)")
+    if len(tuple(c.mesh.shape)) != 3:
+        bad("mesh.shape", f"must be (data, fsdp, tensor), got {tuple(c.mesh.shape)}")
+    if list(c.mesh.shape).count(-1) > 1:
+        bad("mesh.shape", "at most one axis may be -1")
+    if c.checkpoint.every < 0:
+        bad("checkpoint.every", "must be >= 0 (0 = only at the end)")
+    if c.distributed.initialize not in ("auto", "yes", "no"):
+        bad("distributed.initialize", "must be auto, yes or no")
+
+
+def resolve_mesh_shape(shape, n_devices: int) -> tuple[int, int, int]:
+    """Replace a -1 in (data, fsdp, tensor) by whatever uses up the devices."""
+    shape = [int(s) for s in shape]
+    if -1 in shape:
+        known = 1
+        for s in shape:
+            if s != -1:
+                known *= s
+        if n_devices % known:
+            raise TrainConfigError(f"config key mesh.shape: {tuple(shape)} does not divide "
+                                   f"{n_devices} devices")
+        shape[shape.index(-1)] = n_devices // known
+    return tuple(shape)

@@ -1,0 +1,171 @@
+"""The train step: one ``jax.jit`` boundary with explicit shardings and a donated state.
+
+State is a plain dict pytree ``{"step", "params", "opt_state", "rng"}`` so that Orbax saves and
+restores it onto any mesh. Batches arrive as ``[grad_accum, rows, T]`` (rows = 2 x pairs for
+DPO, chosen rows first, then rejected; see ``cosa_jax.train.data``), sharded on the rows axis
+over (data, fsdp); the step scans over the micro-batches, sums fp32 gradients, averages them and
+applies one optimiser update. A non-finite loss or gradient leaves the state untouched and is
+reported in the metrics, so the host can stop with the last good state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from cosa_jax import sharding as shd
+from cosa_jax.models.config import LlamaConfig
+from cosa_jax.models.llama import Params, forward_hidden, unembed_matrix
+from cosa_jax.train import losses
+
+State = dict
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """What the step optimises; static under jit."""
+    mode: str = "dpo"                 # "dpo" | "sft"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    loss_type: str = "sigmoid"
+    precomputed_ref: bool = False     # batch carries ref_chosen_logps / ref_rejected_logps
+    logps_chunk: int = 128
+
+    def __post_init__(self):
+        if self.mode not in ("dpo", "sft"):
+            raise ValueError(f"train.mode must be 'dpo' or 'sft', got {self.mode!r}")
+        if self.loss_type not in losses.LOSS_TYPES:
+            raise ValueError(f"dpo.loss_type must be one of {losses.LOSS_TYPES}, got {self.loss_type!r}")
+
+
+def sequence_logps(params: Params, cfg: LlamaConfig, micro: dict, chunk: int) -> jax.Array:
+    """Summed response log-probs [rows] without materialising [rows, T, V] logits."""
+    hidden_btd, _ = forward_hidden(params, cfg, micro["input_ids"], micro["attention_mask"],
+                                   micro["position_ids"])
+    w_dv = unembed_matrix(params, cfg).astype(hidden_btd.dtype)
+    return losses.chunked_sequence_logps(hidden_btd, w_dv, micro["labels"], chunk=chunk)
+
+
+def loss_and_metrics(params: Params, ref_params: Params | None, micro: dict,
+                     cfg: LlamaConfig, loss_cfg: LossConfig):
+    """Scalar loss of one micro-batch and its metrics (batch means, TRL names)."""
+    logps = sequence_logps(params, cfg, micro, loss_cfg.logps_chunk)
+    if loss_cfg.mode == "sft":
+        loss, n_tokens = losses.sft_loss(logps, micro["labels"])
+        return loss, {"loss": loss, "logps/chosen": jnp.mean(jax.lax.stop_gradient(logps)),
+                      "tokens/target": n_tokens.astype(jnp.float32)}
+    pol_c, pol_r = losses.split_pairs(logps)
+    if loss_cfg.precomputed_ref:
+        ref_c, ref_r = micro["ref_chosen_logps"], micro["ref_rejected_logps"]
+    else:
+        ref_logps = jax.lax.stop_gradient(
+            sequence_logps(ref_params, cfg, micro, loss_cfg.logps_chunk))
+        ref_c, ref_r = losses.split_pairs(ref_logps)
+    per_pair, rew_c, rew_r = losses.dpo_loss(pol_c, pol_r, ref_c, ref_r, beta=loss_cfg.beta,
+                                             label_smoothing=loss_cfg.label_smoothing,
+                                             loss_type=loss_cfg.loss_type)
+    metrics = losses.dpo_metrics(per_pair, rew_c, rew_r, pol_c, pol_r)
+    return jnp.mean(per_pair), metrics
+
+
+def make_train_step(cfg: LlamaConfig, loss_cfg: LossConfig, tx: optax.GradientTransformation,
+                    lr_schedule: Callable | None = None):
+    """The pure step ``(state, ref_params, batch) -> (state, metrics)``."""
+
+    def train_step(state: State, ref_params: Params | None, batch: dict):
+        params = state["params"]
+        grad_fn = jax.value_and_grad(
+            lambda p, micro: loss_and_metrics(p, ref_params, micro, cfg, loss_cfg), has_aux=True)
+
+        def accumulate(carry, micro):
+            grads_acc, metrics_acc = carry
+            (_, metrics), grads = grad_fn(params, micro)
+            grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
+            metrics_acc = jax.tree.map(jnp.add, metrics_acc, metrics)
+            return (grads_acc, metrics_acc), None
+
+        n_micro = batch["input_ids"].shape[0]
+        first = jax.tree.map(lambda x: x[0], batch)
+        metrics_shape = jax.eval_shape(lambda: grad_fn(params, first)[0][1])
+        zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
+                 jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metrics_shape))
+        (grads, metrics), _ = jax.lax.scan(accumulate, zeros, batch)
+        grads = jax.tree.map(lambda g, p: (g / n_micro).astype(p.dtype), grads, params)
+        metrics = jax.tree.map(lambda m: m / n_micro, metrics)
+        if "tokens/target" in metrics:
+            metrics["tokens/target"] = metrics["tokens/target"] * n_micro
+
+        grad_norm = optax.global_norm(grads)
+        updates, new_opt = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new_state = {
+            "step": state["step"] + finite.astype(jnp.int32),
+            "params": keep(new_params, params),
+            "opt_state": keep(new_opt, state["opt_state"]),
+            "rng": state["rng"],
+        }
+        metrics["grad_norm"] = grad_norm
+        metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
+        if lr_schedule is not None:
+            metrics["lr"] = lr_schedule(state["step"])
+        return new_state, metrics
+
+    return train_step
+
+
+# ------------------------------------------------------------------------- shardings
+def micro_batch_sharding(mesh, ndim: int) -> NamedSharding:
+    """``[grad_accum, rows, ...]``: rows over (data, fsdp)."""
+    return NamedSharding(mesh, P(None, shd.LOGICAL_TO_MESH["batch"], *([None] * (ndim - 2))))
+
+
+def state_shardings(state_shapes: State, tx: optax.GradientTransformation, mesh) -> State:
+    """Params by the rules table; optimiser moments like the params they track; scalars replicated."""
+    param_sh = shd.param_shardings(state_shapes["params"], mesh)
+    opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, state_shapes["opt_state"], param_sh,
+                                   transform_non_params=lambda _: shd.replicated(mesh))
+    return {"step": shd.replicated(mesh), "params": param_sh, "opt_state": opt_sh,
+            "rng": shd.replicated(mesh)}
+
+
+def init_state(params: Params, tx: optax.GradientTransformation, seed: int) -> State:
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+            "rng": jax.random.key_data(jax.random.key(seed))}
+
+
+def jit_train_step(step_fn, mesh, state_sh: State, batch_example: dict, with_ref: bool):
+    """``jax.jit`` with explicit in/out shardings; the state (argument 0) is donated."""
+    batch_sh = {k: micro_batch_sharding(mesh, v.ndim) for k, v in batch_example.items()}
+    ref_sh = state_sh["params"] if with_ref else None
+    return jax.jit(step_fn, in_shardings=(state_sh, ref_sh, batch_sh),
+                   out_shardings=(state_sh, shd.replicated(mesh)), donate_argnums=(0,))
+
+
+def to_micro_batches(batch: dict[str, Any], grad_accum: int, mode: str) -> dict:
+    """Host batch ``[rows, ...]`` -> ``[grad_accum, rows/grad_accum, ...]``, keeping each
+    micro-batch's chosen rows paired with its rejected rows."""
+    out = {}
+    for key, x in batch.items():
+        if key == "index":
+            continue
+        if mode == "dpo" and key in ("input_ids", "attention_mask", "labels", "position_ids"):
+            half = x.shape[0] // 2
+            if half % grad_accum:
+                raise ValueError(f"{half} pairs do not split into grad_accum={grad_accum} micro-batches")
+            c = x[:half].reshape(grad_accum, half // grad_accum, *x.shape[1:])
+            r = x[half:].reshape(grad_accum, half // grad_accum, *x.shape[1:])
+            out[key] = np.concatenate([c, r], axis=1)
+        else:
+            if x.shape[0] % grad_accum:
+                raise ValueError(f"batch of {x.shape[0]} rows does not split into "
+                                 f"grad_accum={grad_accum} micro-batches")
+            out[key] = x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:])
+    return out

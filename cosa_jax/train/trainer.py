@@ -1,0 +1,299 @@
+"""The training loop behind ``python -m launch.train``: SFT or DPO, sharded, resumable.
+
+Load -> mesh + shardings -> one jitted step -> loop with Orbax checkpoints (state, data
+position, RNG) -> HF export and curves. A restarted run resumes from the newest checkpoint in
+``checkpoint.dir`` by itself and replays exactly the batches an uninterrupted run would see.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
+
+from cosa_jax import sharding as shd
+from cosa_jax.models import load_hf, load_tokenizer, save_hf
+from cosa_jax.train import config as tc
+from cosa_jax.train import data as td
+from cosa_jax.train import optim
+from cosa_jax.train import step as ts
+from cosa_jax.train.metrics_log import MetricsLog, plot_curves
+
+log = logging.getLogger(__name__)
+
+SEQ_KEYS = ("input_ids", "attention_mask", "labels", "position_ids")
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient; the state and checkpoints stay at the last good step."""
+
+
+def maybe_initialize_distributed(mode: str) -> None:
+    """Multi-process launches (Slurm with several tasks, TPU pods, explicit coordinator)."""
+    multi = (int(os.environ.get("SLURM_NTASKS", "1")) > 1
+             or "JAX_COORDINATOR_ADDRESS" in os.environ
+             or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""))
+    if mode == "yes" or (mode == "auto" and multi):
+        jax.distributed.initialize()
+
+
+def _global_array(host: np.ndarray, sharding) -> jax.Array:
+    """Every process builds the same host batch; each device takes only its shard."""
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+def _batch_sharding(key: str, ndim: int, mesh):
+    if key.startswith("ref_"):  # per-pair scalars: small, replicated
+        return shd.replicated(mesh)
+    return ts.micro_batch_sharding(mesh, ndim)
+
+
+class Trainer:
+    def __init__(self, config: ml_collections.ConfigDict):
+        tc.validate(config)
+        self.c = config
+        maybe_initialize_distributed(config.distributed.initialize)
+        self.is_main = jax.process_index() == 0
+        self.out = Path(config.output_dir)
+        self.ckpt_dir = Path(config.checkpoint.dir or self.out / "checkpoints").absolute()
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(config.to_json_best_effort(indent=2))
+        self.mode = config.train.mode
+        self.mesh = shd.make_mesh(tc.resolve_mesh_shape(config.mesh.shape, jax.device_count()))
+        self._check_batch_fits_mesh()
+
+        m = config.model
+        self.model, self.mcfg = load_hf(m.path, dtype=m.param_dtype, compute_dtype=m.compute_dtype,
+                                        mesh=self.mesh, attention_impl=m.attention_impl,
+                                        remat=m.remat)
+        self.tokenizer = load_tokenizer(m.path)
+        self.pad_id = td.pad_id_for(self.tokenizer)
+        data_kw = dict(truncation=config.data.truncation, max_length=config.data.max_length,
+                       max_prompt_length=config.data.max_prompt_length,
+                       max_target_length=config.data.max_target_length or None)
+        self.train_examples = td.load_examples(self.tokenizer, config.data.train, mode=self.mode,
+                                               split=config.data.train_split, **data_kw)
+        self.eval_examples = []
+        if config.data.eval:
+            self.eval_examples = td.load_examples(self.tokenizer, config.data.eval, mode=self.mode,
+                                                  split=config.data.eval_split, **data_kw)
+            self.eval_examples = self.eval_examples[:config.data.eval_pairs]
+        self.steps_per_epoch = td.batches_per_epoch(len(self.train_examples), config.train.batch_size)
+        if self.steps_per_epoch == 0:
+            raise td.DataError(f"{config.data.train}: {len(self.train_examples)} examples, fewer "
+                               f"than one batch of train.batch_size={config.train.batch_size}")
+        self.total_steps = (config.train.max_steps if config.train.max_steps > 0
+                            else config.train.epochs * self.steps_per_epoch)
+
+        t = config.train
+        self.lr_schedule = optim.warmup_schedule(t.lr, t.warmup_steps, schedule=t.schedule,
+                                                 total_steps=self.total_steps)
+        self.tx = optim.make_optimizer(t.lr, t.warmup_steps, clip_norm=t.clip_norm or None,
+                                       decay=t.rmsprop_decay, eps=t.rmsprop_eps,
+                                       schedule=t.schedule, total_steps=self.total_steps,
+                                       weight_decay=t.weight_decay)
+        self.loss_cfg = ts.LossConfig(mode=self.mode, beta=config.dpo.beta,
+                                      label_smoothing=config.dpo.label_smoothing,
+                                      loss_type=config.dpo.loss_type,
+                                      precomputed_ref=self.mode == "dpo" and config.dpo.precompute_ref,
+                                      logps_chunk=t.logps_chunk)
+
+    # ------------------------------------------------------------------ setup pieces
+    def _check_batch_fits_mesh(self):
+        c = self.c
+        rows = c.train.batch_size // c.train.grad_accum * (2 if c.train.mode == "dpo" else 1)
+        ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        if rows % ways:
+            raise tc.TrainConfigError(
+                f"config key train.batch_size: a micro-batch has {rows} sequences "
+                f"(batch_size / grad_accum{' x 2 for DPO' if c.train.mode == 'dpo' else ''}), "
+                f"not divisible by data x fsdp = {ways} devices")
+
+    def _init_state(self):
+        params = self.model.params()
+        shapes = jax.eval_shape(lambda p: ts.init_state(p, self.tx, self.c.seed), params)
+        self.state_sh = ts.state_shardings(shapes, self.tx, self.mesh)
+        self.ref_params = None
+        if self.mode == "dpo" and not self.loss_cfg.precomputed_ref:
+            self.ref_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p),
+                                      out_shardings=self.state_sh["params"])(params)
+        elif self.mode == "dpo":
+            self._precompute_reference(params)
+        init = jax.jit(lambda p: ts.init_state(p, self.tx, self.c.seed),
+                       out_shardings=self.state_sh, donate_argnums=(0,))
+        self.model = None  # its buffers were donated into the state
+        return init(params), shapes
+
+    def _ref_cache_path(self, examples, tag: str) -> Path:
+        h = hashlib.sha256()
+        h.update(json.dumps([self.c.model.path, self.c.model.compute_dtype, tag]).encode())
+        for e in examples:
+            h.update(np.asarray(e.prompt_ids + [-1] + e.response_ids[0] + [-2] + e.response_ids[1],
+                                np.int64).tobytes())
+        return self.out / "ref_logps" / f"{tag}-{h.hexdigest()[:16]}.npy"
+
+    def _precompute_reference(self, params):
+        """Reference log-probs of every pair, once, cached on disk: the reference model need
+        not sit in device memory during training."""
+        self.ref_logps = {}
+        fn = jax.jit(lambda p, b: ts.sequence_logps(p, self.mcfg, b, self.loss_cfg.logps_chunk))
+        micro_pairs = self.c.train.batch_size // self.c.train.grad_accum
+        for tag, examples in (("train", self.train_examples), ("eval", self.eval_examples)):
+            if not examples:
+                continue
+            path = self._ref_cache_path(examples, tag)
+            if path.exists():
+                self.ref_logps[tag] = np.load(path)
+                continue
+            out = np.zeros((len(examples), 2), np.float32)
+            for start in tqdm(range(0, len(examples), micro_pairs), desc=f"reference logps ({tag})",
+                              disable=not self.is_main):
+                idx = list(range(start, min(start + micro_pairs, len(examples))))
+                idx += [idx[-1]] * (micro_pairs - len(idx))  # fixed shape: repeat the last pair
+                batch = td.collate([examples[i] for i in idx], pad_id=self.pad_id,
+                                   pad_multiple=self.c.data.pad_multiple,
+                                   max_length=self.c.data.max_length)
+                dev = {k: _global_array(batch[k], shd.batch_sharding(self.mesh, 2)) for k in SEQ_KEYS}
+                logps = np.asarray(jax.device_get(fn(params, dev)))
+                out[idx, 0], out[idx, 1] = logps[:micro_pairs], logps[micro_pairs:]
+            if self.is_main:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                np.save(path, out)
+            self.ref_logps[tag] = out
+
+    def _device_batch(self, batch: dict, tag: str = "train", grad_accum: int | None = None):
+        host = ts.to_micro_batches(batch, grad_accum or self.c.train.grad_accum, self.mode)
+        if self.loss_cfg.precomputed_ref:
+            ref = self.ref_logps[tag][batch["index"]]
+            host.update(ts.to_micro_batches({"ref_chosen_logps": ref[:, 0],
+                                             "ref_rejected_logps": ref[:, 1]},
+                                            grad_accum or self.c.train.grad_accum, "sft"))
+        return {k: _global_array(v, _batch_sharding(k, v.ndim, self.mesh)) for k, v in host.items()}
+
+    def _checkpoint_manager(self):
+        opts = ocp.CheckpointManagerOptions(
+            save_interval_steps=1, max_to_keep=self.c.checkpoint.keep,
+            enable_async_checkpointing=self.c.checkpoint.async_save)
+        return ocp.CheckpointManager(self.ckpt_dir, options=opts)
+
+    def _evaluate(self, params) -> dict[str, float]:
+        if not self.eval_examples:
+            return {}
+        if not hasattr(self, "_eval_fn"):
+            self._eval_fn = jax.jit(lambda p, r, b: ts.loss_and_metrics(
+                p, r, jax.tree.map(lambda x: x[0], b), self.mcfg, self.loss_cfg)[1])
+        micro = self.c.train.batch_size // self.c.train.grad_accum
+        n = len(self.eval_examples)
+        totals, count = {}, 0
+        for start in range(0, max(n - micro + 1, 1), micro):
+            idx = list(range(start, min(start + micro, n)))
+            if len(idx) < micro:
+                break
+            batch = td.collate([self.eval_examples[i] for i in idx], pad_id=self.pad_id,
+                               pad_multiple=self.c.data.pad_multiple,
+                               max_length=self.c.data.max_length, indices=idx)
+            metrics = jax.device_get(self._eval_fn(params, self.ref_params,
+                                                   self._device_batch(batch, "eval", grad_accum=1)))
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+            count += 1
+        return {f"eval/{k}": v / count for k, v in totals.items()} if count else {}
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict:
+        state, shapes = self._init_state()
+        manager = self._checkpoint_manager()
+        position = td.DataPosition()
+        latest = manager.latest_step()
+        if latest is not None:
+            abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                    shapes, self.state_sh)
+            restored = manager.restore(latest, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+            state = restored["state"]
+            position = td.DataPosition.from_dict(restored["meta"]["data_position"])
+            print(f"[cosa-jax] resumed from {self.ckpt_dir} at step {latest} "
+                  f"(epoch {position.epoch}, example {position.index})", flush=True)
+        step = int(jax.device_get(state["step"]))
+        metrics_log = MetricsLog(self.out, resume_step=step, enabled=self.is_main)
+
+        batches = td.iterate_batches(self.train_examples, batch_size=self.c.train.batch_size,
+                                     pad_id=self.pad_id, seed=self.c.seed, start=position,
+                                     shuffle=self.c.train.shuffle,
+                                     pad_multiple=self.c.data.pad_multiple,
+                                     max_length=self.c.data.max_length)
+        first_batch, first_pos = next(batches)
+        train_step = ts.jit_train_step(
+            ts.make_train_step(self.mcfg, self.loss_cfg, self.tx, self.lr_schedule), self.mesh,
+            self.state_sh, self._device_batch(first_batch), with_ref=self.ref_params is not None)
+
+        def save(step_, position_):
+            manager.save(step_, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                meta=ocp.args.JsonSave({"data_position": position_.to_dict(), "step": step_,
+                                        "seed": self.c.seed})), force=True)
+
+        bar = tqdm(total=self.total_steps, initial=step, desc=f"{self.mode}", disable=not self.is_main,
+                   dynamic_ncols=True)
+        last_metrics: dict[str, float] = {}
+        eval_metrics: dict[str, float] = {}
+        pending = [(first_batch, first_pos)]
+        try:
+            while step < self.total_steps:
+                batch, position = pending.pop() if pending else next(batches)
+                t0 = time.perf_counter()
+                state, metrics = train_step(state, self.ref_params, self._device_batch(batch))
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                dt = time.perf_counter() - t0
+                if metrics.pop("nonfinite"):
+                    manager.wait_until_finished()
+                    raise TrainingDiverged(
+                        f"non-finite loss or gradient at step {step + 1} (loss={metrics['loss']}, "
+                        f"grad_norm={metrics['grad_norm']}); the update was skipped and the "
+                        f"newest checkpoint is step {manager.latest_step()} in {self.ckpt_dir}")
+                step += 1
+                metrics["tokens_per_sec"] = float(batch["attention_mask"].sum()) / dt
+                last_metrics = metrics
+                if self.c.train.eval_every and step % self.c.train.eval_every == 0:
+                    eval_metrics = self._evaluate(state["params"])
+                    metrics.update(eval_metrics)
+                if step % self.c.train.log_every == 0 or step == self.total_steps:
+                    metrics_log.write(step, metrics)
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+                                tok_s=f"{metrics['tokens_per_sec']:.0f}")
+                if self.c.checkpoint.every and step % self.c.checkpoint.every == 0:
+                    save(step, position)
+            if manager.latest_step() != step:
+                save(step, position)
+            if not self.c.train.eval_every or step % self.c.train.eval_every:
+                eval_metrics = self._evaluate(state["params"])
+                if eval_metrics:
+                    metrics_log.write(step, eval_metrics)
+            manager.wait_until_finished()
+        finally:
+            bar.close()
+            metrics_log.close()
+            manager.close()
+        hf_dir = Path(self.c.export.hf_dir or self.out / "hf")
+        save_hf(state["params"], self.mcfg, hf_dir, self.tokenizer,
+                dtype=self.c.export.dtype or None)
+        png = plot_curves(self.out / "metrics.jsonl", self.out / "curves.png",
+                          title=f"{self.mode} on {self.c.data.train}") if self.is_main else None
+        return {"step": step, "train": last_metrics, "eval": eval_metrics, "hf_dir": str(hf_dir),
+                "curves": str(png) if png else None, "output_dir": str(self.out)}
+
+
+def train(config: ml_collections.ConfigDict) -> dict:
+    return Trainer(config).run()

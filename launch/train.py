@@ -1,0 +1,25 @@
+"""python -m launch.train --config configs/X.py [--config.train.lr=1e-6 ...]
+
+SFT or DPO per ``train.mode``; resumes from the newest checkpoint in ``checkpoint.dir`` by itself.
+"""
+
+import json
+import sys
+
+from absl import app
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/*.py)")
+
+
+def main(argv):
+    del argv
+    from cosa_jax.train.trainer import train
+    if _CONFIG.value is None:
+        sys.exit("usage: python -m launch.train --config configs/demo.py [--config.KEY=VALUE ...]")
+    summary = train(_CONFIG.value)
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    app.run(main)

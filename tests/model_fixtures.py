@@ -49,3 +49,19 @@ def hf_logits(model, ids, mask):
     with torch.no_grad():
         return model(input_ids=torch.as_tensor(ids, dtype=torch.long),
                      attention_mask=torch.as_tensor(mask, dtype=torch.long)).logits.float().numpy()
+
+
+def make_tiny_chat_model(out_dir: Path, seed: int = 0) -> Path:
+    """A tiny random Llama that speaks the embedded SmolLM2 tokenizer (vocab 49,152), so the
+    whole training pipeline (chat template, tokenisation, export) runs in seconds."""
+    import shutil
+
+    from cosa_jax.models import EMBEDDED_MODEL, resolve_model_dir
+    src = resolve_model_dir(EMBEDDED_MODEL)
+    make_hf_model(out_dir, seed=seed, vocab_size=49152, hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                  tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (src / name).exists():
+            shutil.copy(src / name, out_dir / name)
+    return out_dir

@@ -127,6 +127,12 @@ def micro_batch_sharding(mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, P(None, shd.LOGICAL_TO_MESH["batch"], *([None] * (ndim - 2))))
 
 
+def batch_sharding_for(key: str, ndim: int, mesh) -> NamedSharding:
+    """Sequences over (data, fsdp); precomputed per-pair reference log-probs replicated (tiny,
+    and a pair count need not divide the device count)."""
+    return shd.replicated(mesh) if key.startswith("ref_") else micro_batch_sharding(mesh, ndim)
+
+
 def state_shardings(state_shapes: State, tx: optax.GradientTransformation, mesh) -> State:
     """Params by the rules table; optimiser moments like the params they track; scalars replicated."""
     param_sh = shd.param_shardings(state_shapes["params"], mesh)
@@ -143,7 +149,7 @@ def init_state(params: Params, tx: optax.GradientTransformation, seed: int) -> S
 
 def jit_train_step(step_fn, mesh, state_sh: State, batch_example: dict, with_ref: bool):
     """``jax.jit`` with explicit in/out shardings; the state (argument 0) is donated."""
-    batch_sh = {k: micro_batch_sharding(mesh, v.ndim) for k, v in batch_example.items()}
+    batch_sh = {k: batch_sharding_for(k, v.ndim, mesh) for k, v in batch_example.items()}
     ref_sh = state_sh["params"] if with_ref else None
     return jax.jit(step_fn, in_shardings=(state_sh, ref_sh, batch_sh),
                    out_shardings=(state_sh, shd.replicated(mesh)), donate_argnums=(0,))

@@ -52,12 +52,6 @@ def _global_array(host: np.ndarray, sharding) -> jax.Array:
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
 
-def _batch_sharding(key: str, ndim: int, mesh):
-    if key.startswith("ref_"):  # per-pair scalars: small, replicated
-        return shd.replicated(mesh)
-    return ts.micro_batch_sharding(mesh, ndim)
-
-
 class Trainer:
     def __init__(self, config: ml_collections.ConfigDict):
         tc.validate(config)
@@ -79,6 +73,9 @@ class Trainer:
                                         remat=m.remat)
         self.tokenizer = load_tokenizer(m.path)
         self.pad_id = td.pad_id_for(self.tokenizer)
+        # Fixed shapes compile once; buckets waste fewer FLOPs but compile once per bucket.
+        self.pad_multiple = (config.data.max_length if config.data.fixed_length
+                             else config.data.pad_multiple)
         data_kw = dict(truncation=config.data.truncation, max_length=config.data.max_length,
                        max_prompt_length=config.data.max_prompt_length,
                        max_target_length=config.data.max_target_length or None)
@@ -139,7 +136,7 @@ class Trainer:
         h = hashlib.sha256()
         h.update(json.dumps([self.c.model.path, self.c.model.compute_dtype, tag]).encode())
         for e in examples:
-            h.update(np.asarray(e.prompt_ids + [-1] + e.response_ids[0] + [-2] + e.response_ids[1],
+            h.update(np.asarray([*e.prompt_ids, -1, *e.response_ids[0], -2, *e.response_ids[1]],
                                 np.int64).tobytes())
         return self.out / "ref_logps" / f"{tag}-{h.hexdigest()[:16]}.npy"
 
@@ -162,7 +159,7 @@ class Trainer:
                 idx = list(range(start, min(start + micro_pairs, len(examples))))
                 idx += [idx[-1]] * (micro_pairs - len(idx))  # fixed shape: repeat the last pair
                 batch = td.collate([examples[i] for i in idx], pad_id=self.pad_id,
-                                   pad_multiple=self.c.data.pad_multiple,
+                                   pad_multiple=self.pad_multiple,
                                    max_length=self.c.data.max_length)
                 dev = {k: _global_array(batch[k], shd.batch_sharding(self.mesh, 2)) for k in SEQ_KEYS}
                 logps = np.asarray(jax.device_get(fn(params, dev)))
@@ -179,7 +176,7 @@ class Trainer:
             host.update(ts.to_micro_batches({"ref_chosen_logps": ref[:, 0],
                                              "ref_rejected_logps": ref[:, 1]},
                                             grad_accum or self.c.train.grad_accum, "sft"))
-        return {k: _global_array(v, _batch_sharding(k, v.ndim, self.mesh)) for k, v in host.items()}
+        return {k: _global_array(v, ts.batch_sharding_for(k, v.ndim, self.mesh)) for k, v in host.items()}
 
     def _checkpoint_manager(self):
         opts = ocp.CheckpointManagerOptions(
@@ -201,7 +198,7 @@ class Trainer:
             if len(idx) < micro:
                 break
             batch = td.collate([self.eval_examples[i] for i in idx], pad_id=self.pad_id,
-                               pad_multiple=self.c.data.pad_multiple,
+                               pad_multiple=self.pad_multiple,
                                max_length=self.c.data.max_length, indices=idx)
             metrics = jax.device_get(self._eval_fn(params, self.ref_params,
                                                    self._device_batch(batch, "eval", grad_accum=1)))
@@ -231,7 +228,7 @@ class Trainer:
         batches = td.iterate_batches(self.train_examples, batch_size=self.c.train.batch_size,
                                      pad_id=self.pad_id, seed=self.c.seed, start=position,
                                      shuffle=self.c.train.shuffle,
-                                     pad_multiple=self.c.data.pad_multiple,
+                                     pad_multiple=self.pad_multiple,
                                      max_length=self.c.data.max_length)
         first_batch, first_pos = next(batches)
         train_step = ts.jit_train_step(

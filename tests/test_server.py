@@ -7,8 +7,14 @@ it shares) is served on 127.0.0.1 in-process; the official ``openai`` client tal
 import asyncio
 import concurrent.futures as cf
 import json
+import socket
+import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
+
+from pathlib import Path
 
 import openai
 import pytest
@@ -37,11 +43,17 @@ REGISTRY = {
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """(hf_model, ChatModel, open server, authorised-config server)."""
+def tiny_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_served")
     hf = make_hf_model(path, vocab_size=49152)  # SmolLM2's vocab: ids 1/2 = <|im_start|>/<|im_end|>
     load_tokenizer(EMBEDDED_MODEL).save_pretrained(path)
+    return path, hf
+
+
+@pytest.fixture(scope="module")
+def served(tiny_dir):
+    """(hf_model, ChatModel, open server, authorised-config server)."""
+    path, hf = tiny_dir
     model = ChatModel.load(str(path))
     registry_file = path / "registry.json"
     registry_file.write_text(json.dumps(REGISTRY))
@@ -240,6 +252,14 @@ def test_policy_rules_without_a_server():
         apply_policy(sys_user, None, reg, DEFAULT_CONFIG)   # anonymous: no right
     assert e.value.status == 403
     assert apply_policy(user, None, None, None) == user     # open server, no default
+    by_name = apply_policy(user, "sk-admin", reg, DEFAULT_CONFIG, requested_config="violence-ok")
+    assert by_name[0] == {"role": "system", "content": VIOLENCE_OK}
+    with pytest.raises(AuthError) as e:
+        apply_policy(user, "sk-admin", reg, DEFAULT_CONFIG, requested_config="no-such")
+    assert e.value.status == 400 and "not in the registry" in e.value.message
+    with pytest.raises(AuthError) as e:
+        apply_policy(user, "sk-reader", reg, DEFAULT_CONFIG, requested_config="violence-ok")
+    assert e.value.status == 403
     assert apply_policy(user, None, None, DEFAULT_CONFIG)[0]["content"] == DEFAULT_CONFIG
     strict = parse_registry(REGISTRY)
     with pytest.raises(AuthError) as e:
@@ -296,6 +316,41 @@ def test_openai_client_sees_400_for_unsupported_features(served):
         ask(client(srv), "Hi", n=3)
     with pytest.raises(openai.BadRequestError, match="logprobs is not supported"):
         ask(client(srv), "Hi", logprobs=True)
+
+
+# ------------------------------------------------------------------------ the CLI
+def test_launch_serve_cli_end_to_end(tiny_dir, tmp_path):
+    path, _ = tiny_dir
+    (tmp_path / "registry.json").write_text(json.dumps(REGISTRY))
+    (tmp_path / "default.txt").write_text(DEFAULT_CONFIG + "\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launch.serve", "--model", str(path), "--port", str(port),
+         "--served-model-name", MODEL, "--auth-registry", str(tmp_path / "registry.json"),
+         "--default-config", str(tmp_path / "default.txt")],
+        cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+                assert time.time() < deadline, "server did not come up in 120 s"
+                time.sleep(0.5)
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-reader", max_retries=0)
+        resp = ask(c, "Hi", max_tokens=4)
+        tok = load_tokenizer(path)
+        expected = tok(render_prompt(tok, DEFAULT_CONFIG, "Hi"), add_special_tokens=False)["input_ids"]
+        assert resp.usage.prompt_tokens == len(expected)   # the file's config, stripped
+        with pytest.raises(openai.PermissionDeniedError):
+            ask(c, "Hi", "Anything goes.")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 # ------------------------------------------------------------------------ batcher alone

@@ -20,7 +20,7 @@ Rules (one request):
 - With a registry, an unknown key is 401; a missing key is 401 unless ``allow_anonymous``.
 - A key with rights may send a system message whose text is one of its configs (whitespace at
   the ends ignored), or any text with ``"*"``; it may also name a config with the request field
-  ``safety_config`` instead of sending its text.
+  ``safety_config`` instead of sending its text (a ``"*"`` key: any config of the shared table).
 - A key (or anonymous caller) without that right gets the deployment's default config as the
   system prompt; a system message from it is refused with 403.
 - Without a registry the server is open: system messages pass through unchanged, and the
@@ -66,6 +66,7 @@ class KeyRights:
 class Registry:
     keys: Mapping[str, KeyRights]
     allow_anonymous: bool = False
+    configs: Mapping[str, str] = dataclasses.field(default_factory=dict)  # the shared table
 
 
 def _config_table(raw: Any, where: str) -> dict[str, str]:
@@ -117,7 +118,7 @@ def parse_registry(data: Any, source: str = "registry") -> Registry:
         else:
             raise RegistryError(f"{where}.configs: expected \"*\", a list of config names, or an "
                                 "object mapping names to texts")
-    return Registry(keys, allow_anonymous)
+    return Registry(keys, allow_anonymous, shared)
 
 
 def load_registry(path: str | Path) -> Registry:
@@ -191,11 +192,16 @@ def apply_policy(messages: Sequence[Mapping[str, str]], api_key: str | None,
         if sent is not None:
             raise AuthError(400, "send either a system message or safety_config, not both",
                             "invalid_request_error")
-        if requested_config not in rights.configs:
+        # A "*" key may name any config of the shared table; others only their own.
+        named = {**registry.configs, **rights.configs} if rights.any_config else rights.configs
+        if requested_config not in named:
+            if rights.any_config:
+                raise AuthError(400, f"safety_config {requested_config!r} is not in the registry "
+                                f"(known: {sorted(named)})", "invalid_request_error")
             raise AuthError(403, f"this API key may not use safety config {requested_config!r}"
                             + (f" (allowed: {sorted(rights.configs)})" if rights.configs else
                                "; it has no right to set a safety config"), "config_not_authorised")
-        sent = rights.configs[requested_config]
+        sent = named[requested_config]
     elif sent is not None:
         if not rights.may_set_config:
             raise AuthError(403, "this API key may not set the safety config: remove the system "

@@ -1,0 +1,229 @@
+"""Throughput of one full DPO train step on SmolLM2-135M: our jitted step vs the PyTorch step.
+
+One step = policy forward + frozen-reference forward on the concatenated chosen/rejected batch,
+summed response log-probs, DPO sigmoid loss (beta 0.1), policy backward, global-norm clipping
+at 10 and an RMSprop update (alpha 0.99, eps 1e-8). Batch: 2 pairs x 256 tokens (4 rows, every
+token real, a 64-token shared prompt masked out of the labels). Real embedded weights, fp32
+parameters; JAX runs fp32 compute (the row compared with PyTorch) and bf16 compute.
+
+  ours: ``cosa_jax.train.step.make_train_step`` under ``jax.jit`` with the state donated.
+  peer: transformers ``LlamaForCausalLM`` fp32 policy + frozen reference, full logits,
+        ``clip_grad_norm_`` and ``torch.optim.RMSprop`` (the step tests/test_train_step.py checks
+        our step against).
+
+Reps alternate between the contenders (warm-up / compile excluded) so that load from other
+processes on a shared machine falls on all alike; tokens/s uses the median rep.
+
+FLOPs per step (stated so the MFU can be checked), with T = 256, tokens = 4 x 256:
+  N     = non-embedding weights (q, k, v, o, gate, up, down) + the unembedding d x V matmul
+  attn  = 4 * L * n_heads * head_dim * T   per token forward (QK^T and PV, full T x T, as computed)
+  step  = tokens * (6 N + 3 attn)  [policy forward + backward]
+        + tokens * (2 N + attn)    [reference forward]
+Peak: best of several jitted 2048^3 fp32 ``jnp.dot`` calls, measured before and after the steps.
+Run: ``python bench/train_step.py`` (part of ``make bench``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402  (sets the cache / offline environment first)
+
+BETA = 0.1
+LR = 1e-6
+CLIP = 10.0
+
+
+def step_flops(cfg, rows: int, seq: int) -> tuple[float, float]:
+    """(FLOPs of one DPO step, N) by the formula in the module docstring."""
+    d, f, v, hd = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
+    per_layer = d * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + 3 * d * f
+    n = cfg.num_layers * per_layer + d * v
+    attn = 4 * cfg.num_layers * cfg.num_heads * hd * seq
+    tokens = rows * seq
+    return tokens * (6 * n + 3 * attn) + tokens * (2 * n + attn), n
+
+
+def dpo_batch(pairs: int, seq: int, vocab: int, prompt_len: int, seed: int = 0):
+    """Chosen rows then rejected rows; each pair shares a prompt whose labels are -100."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    rows = 2 * pairs
+    ids = rng.integers(3, vocab, (rows, seq)).astype(np.int32)
+    ids[pairs:, :prompt_len] = ids[:pairs, :prompt_len]
+    labels = ids.copy()
+    labels[:, :prompt_len] = -100
+    return {"input_ids": ids, "attention_mask": np.ones((rows, seq), np.int32), "labels": labels,
+            "position_ids": np.broadcast_to(np.arange(seq, dtype=np.int32), (rows, seq)).copy()}
+
+
+def matmul_peak(n: int = 2048, reps: int = 5) -> float:
+    """Best fp32 FLOP/s of a jitted n^3 ``jnp.dot``."""
+    import jax
+    import jax.numpy as jnp
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    dot(a, b).block_until_ready()
+    return 2 * n ** 3 / min(common.time_reps(lambda: dot(a, b).block_until_ready(), reps=reps))
+
+
+def make_jax_step(model_dir, compute_dtype: str, batch, chunk: int, attention_impl: str,
+                  remat: str, ref_params=None):
+    """A zero-argument callable running one jitted step on a donated state, and its losses."""
+    import jax
+    import jax.numpy as jnp
+
+    from cosa_jax.models import load_hf
+    from cosa_jax.train import optim
+    from cosa_jax.train import step as ts
+
+    model, cfg = load_hf(model_dir, dtype="float32", compute_dtype=compute_dtype,
+                         attention_impl=attention_impl, remat=remat)
+    params = model.params()
+    if ref_params is None:
+        ref_params = jax.tree.map(jnp.copy, params)
+    tx = optim.make_optimizer(LR, 0, clip_norm=CLIP)
+    step = jax.jit(ts.make_train_step(cfg, ts.LossConfig(mode="dpo", beta=BETA, logps_chunk=chunk), tx),
+                   donate_argnums=(0,))
+    micro = jax.device_put(ts.to_micro_batches(batch, 1, "dpo"))
+    holder = {"state": ts.init_state(params, tx, 0)}
+    losses = []
+
+    def run():
+        holder["state"], metrics = step(holder["state"], ref_params, micro)
+        losses.append(float(jax.block_until_ready(metrics["loss"])))
+
+    return run, losses, cfg, ref_params
+
+
+def make_torch_step(model_dir, batch):
+    """The same DPO step in PyTorch (full fp32 logits, as a transformers user writes it)."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    policy = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).train()
+    reference = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.RMSprop(policy.parameters(), lr=LR, alpha=0.99, eps=1e-8)
+    ids = torch.as_tensor(batch["input_ids"], dtype=torch.long)
+    mask = torch.as_tensor(batch["attention_mask"], dtype=torch.long)
+    labels = torch.as_tensor(batch["labels"], dtype=torch.long)[:, 1:]
+    keep = labels != -100
+    targets = labels.clamp(min=0).unsqueeze(-1)
+    half = ids.shape[0] // 2
+    losses = []
+
+    def seq_logps(model):
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        picked = torch.gather(logits.log_softmax(-1), 2, targets).squeeze(-1)
+        return (picked * keep).sum(-1)
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        pol = seq_logps(policy)
+        with torch.no_grad():
+            ref = seq_logps(reference)
+        h = (pol[:half] - pol[half:]) - (ref[:half] - ref[half:])
+        loss = -F.logsigmoid(BETA * h).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), CLIP)
+        opt.step()
+        losses.append(loss.item())
+
+    return run, losses
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pairs", type=int, default=2)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--logps-chunk", type=int, default=128, help="LossConfig.logps_chunk of our step")
+    p.add_argument("--attention-impl", default="xla", choices=["xla", "reference"])
+    p.add_argument("--remat", default="none")
+    p.add_argument("--no-bf16", action="store_true", help="skip the bf16-compute JAX row")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch step (investigations)")
+    args = p.parse_args(argv)
+
+    import jax
+    import numpy as np
+    import torch
+
+    from cosa_jax.models import EMBEDDED_MODEL, resolve_model_dir
+
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    model_dir = resolve_model_dir(EMBEDDED_MODEL)
+    peak_before = matmul_peak()
+
+    rows = 2 * args.pairs
+    tokens = rows * args.seq
+    from cosa_jax.models import LlamaConfig
+    cfg = LlamaConfig.from_json_file(model_dir / "config.json")
+    batch = dpo_batch(args.pairs, args.seq, cfg.vocab_size, args.prompt_len)
+    contenders, losses = {}, {}
+    contenders["jax fp32"], losses["jax fp32"], cfg, ref = make_jax_step(
+        model_dir, "float32", batch, args.logps_chunk, args.attention_impl, args.remat)
+    if not args.no_bf16:
+        contenders["jax bf16"], losses["jax bf16"], _, _ = make_jax_step(
+            model_dir, "bfloat16", batch, args.logps_chunk, args.attention_impl, args.remat, ref)
+    if not args.no_torch:
+        contenders["torch fp32"], losses["torch fp32"] = make_torch_step(model_dir, batch)
+    # Warm-up (the JAX compile) is timed separately so that it is visible but excluded.
+    warm = {}
+    for name, fn in contenders.items():
+        t0 = time.perf_counter()
+        fn()
+        warm[name] = time.perf_counter() - t0
+    times = common.time_interleaved(contenders, reps=args.reps, warmup=0)
+    peak = max(peak_before, matmul_peak())
+
+    flops, n_params = step_flops(cfg, rows, args.seq)
+    print(f"[train_step] SmolLM2-135M DPO step, {args.pairs} pairs x {args.seq} tokens "
+          f"({tokens} tokens, policy + reference), fp32 params, median of {args.reps} reps; "
+          f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads); logps_chunk={args.logps_chunk}, "
+          f"attention={args.attention_impl}, remat={args.remat}")
+    print(f"[train_step] FLOPs/step = tokens*(6N+3A) + tokens*(2N+A) = {flops / 1e9:.1f} GFLOP "
+          f"(N = {n_params / 1e6:.1f}M non-embedding + unembedding weights, A = 4*L*heads*head_dim*T)")
+    print(f"[train_step] measured fp32 matmul peak (jitted 2048^3 jnp.dot, best): "
+          f"{peak / 1e9:.1f} GFLOP/s")
+    for name, ts_ in times.items():
+        med = common.median(ts_)
+        print(f"[train_step] {name:10s}: {tokens / med:8.1f} tokens/s  {flops / med / 1e9:6.1f} GFLOP/s "
+              f"({flops / med / peak:5.1%} of peak)  reps {[round(t, 2) for t in ts_]} s, "
+              f"warm-up {warm[name]:.1f} s")
+    ours = tokens / common.median(times["jax fp32"])
+    mfu = flops / common.median(times["jax fp32"]) / peak
+    if "torch fp32" in times:
+        peer = tokens / common.median(times["torch fp32"])
+        common.report("train_step", "tokens/s", ours, peer, "PyTorch", target=1.3)
+    else:
+        print(f"[train_step] ours (JAX)      : {ours:10.1f} tokens/s")
+    verdict = "met" if mfu >= 0.70 else "NOT met"
+    print(f"[train_step] mfu_vs_measured_peak (jax fp32): {mfu:.1%}  (target >= 70%: {verdict})")
+    if "jax bf16" in times:
+        print(f"[train_step] mfu_vs_measured_peak (jax bf16, vs fp32 peak): "
+              f"{flops / common.median(times['jax bf16']) / peak:.1%}")
+    # Both sides start from the same weights on the same batch: the losses must agree.
+    for name, ls in losses.items():
+        print(f"[train_step] losses {name:10s}: {[round(x, 5) for x in ls]}")
+    first = losses["jax fp32"][0]
+    if not math.isclose(first, math.log(2), abs_tol=1e-5):
+        raise SystemExit(f"first DPO loss {first} != ln 2: the JAX step is not the DPO step")
+    if "torch fp32" in losses:
+        gap = float(np.max(np.abs(np.array(losses["jax fp32"]) - np.array(losses["torch fp32"]))))
+        print(f"[train_step] max |loss jax fp32 - loss torch| over steps: {gap:.2e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -57,8 +57,7 @@ def served(tiny_dir):
     model = ChatModel.load(str(path))
     registry_file = path / "registry.json"
     registry_file.write_text(json.dumps(REGISTRY))
-    open_srv = BackgroundServer(create_app(model, served_model_name=MODEL, batch_wait_ms=300,
-                                           max_batch=8)).start()
+    open_srv = BackgroundServer(create_app(model, served_model_name=MODEL)).start()
     auth_srv = BackgroundServer(create_app(model, served_model_name=MODEL,
                                            registry=load_registry(registry_file),
                                            default_config=DEFAULT_CONFIG)).start()
@@ -151,18 +150,23 @@ def test_stop_string_cuts_the_text(served):
 
 
 def test_concurrent_requests_share_batches_and_match_single_answers(served):
-    _, _, srv, _ = served
+    _, model, open_srv, _ = served
+    # A long wait window, so that requests sent together surely meet even on a loaded machine.
+    srv = BackgroundServer(create_app(model, served_model_name=MODEL, batch_wait_ms=1000,
+                                      max_batch=8)).start()
     c = client(srv)
     users = ["Hello there.", "What is two plus two, exactly?", "Tell me a fact.",
              "Describe the sea in one long sentence please.", "Why?", "Name three trees."]
     kinds = [dict(), dict(), dict(), dict(), dict(temperature=1.0, top_p=0.9, seed=11),
              dict(temperature=0.8, seed=5, extra_body={"top_k": 20})]
-    single = [ask(c, u, **k).choices[0].message.content for u, k in zip(users, kinds)]
+    single = [ask(client(open_srv), u, **k).choices[0].message.content
+              for u, k in zip(users, kinds)]
     before = get_stats(srv)
     with cf.ThreadPoolExecutor(len(users)) as pool:
         together = list(pool.map(lambda uk: ask(c, uk[0], **uk[1]).choices[0].message.content,
                                  zip(users, kinds)))
     after = get_stats(srv)
+    srv.stop()
     assert together == single
     assert after["requests"] - before["requests"] == len(users)
     assert after["batches"] - before["batches"] < len(users)

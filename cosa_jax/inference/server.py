@@ -438,17 +438,17 @@ class BackgroundServer:
             self.port = site._server.sockets[0].getsockname()[1]
 
         def run():
-            self._loop = asyncio.new_event_loop()
+            loop = self._loop = asyncio.new_event_loop()  # local: stop() clears self._loop
             try:
-                self._loop.run_until_complete(boot())
+                loop.run_until_complete(boot())
             except Exception as e:  # noqa: BLE001 - reported to the caller of start()
                 failure.append(e)
                 ready.set()
                 return
             ready.set()
-            self._loop.run_forever()
-            self._loop.run_until_complete(self._runner.cleanup())
-            self._loop.close()
+            loop.run_forever()
+            loop.run_until_complete(self._runner.cleanup())
+            loop.close()
 
         self._thread = threading.Thread(target=run, name="cosa-serve", daemon=True)
         self._thread.start()

@@ -177,19 +177,33 @@ def forward_hidden(params: Params, cfg: LlamaConfig, input_ids_bt: jax.Array,
     x_btd = jnp.take(params["embed_tokens"], input_ids_bt, axis=0).astype(cdt)
     cos_bth, sin_bth = rope_tables(positions_bt, rope_inv_freq(cfg))
 
-    def body(x, xs):
-        layer, kv = xs
-        x, new_kv = decoder_layer(x, layer, cfg, cos_bth, sin_bth, mask_bts, kv, start_b)
-        return x, new_kv
+    if cache is None:
+        def body(x, layer):
+            return decoder_layer(x, layer, cfg, cos_bth, sin_bth, mask_bts)[0], None
+        carry = x_btd
+        xs = params["layers"]
+    else:
+        # The cache rides in the loop carry and each layer writes its slab in place; passing
+        # it through scan's xs/ys would copy the whole cache on every decode step.
+        def body(carry, xs):
+            x, k_all, v_all = carry
+            layer, i = xs
+            x, (k_l, v_l) = decoder_layer(x, layer, cfg, cos_bth, sin_bth, mask_bts,
+                                          (k_all[i], v_all[i]), start_b)
+            k_all = jax.lax.dynamic_update_index_in_dim(k_all, k_l, i, axis=0)
+            v_all = jax.lax.dynamic_update_index_in_dim(v_all, v_l, i, axis=0)
+            return (x, k_all, v_all), None
+        carry = (x_btd, cache.k_lbskh, cache.v_lbskh)
+        xs = (params["layers"], jnp.arange(cfg.num_layers, dtype=jnp.int32))
 
     if cfg.remat != "none":
         body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=False)
-    kv_in = None if cache is None else (cache.k_lbskh, cache.v_lbskh)
-    x_btd, kv_out = jax.lax.scan(body, x_btd, (params["layers"], kv_in))
+    carry, _ = jax.lax.scan(body, carry, xs)
+    x_btd = carry if cache is None else carry[0]
     x_btd = rms_norm(x_btd, params["norm"], cfg.rms_norm_eps)
     new_cache = None
     if cache is not None:
-        new_cache = KVCache(kv_out[0], kv_out[1], valid_bs,
+        new_cache = KVCache(carry[1], carry[2], valid_bs,
                             start_b + mask_bt.sum(axis=1, dtype=jnp.int32))
     return x_btd, new_cache
 

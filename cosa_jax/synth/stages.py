@@ -105,6 +105,8 @@ def _write_summary(cfg: Any, stage: str, summary: dict[str, Any]) -> None:
 
 
 def _from_rows(rows: list[dict[str, Any]], features: datasets.Features) -> datasets.Dataset:
+    if not rows:  # from_list([]) loses the columns; an empty stage output keeps its schema
+        return datasets.Dataset.from_dict({name: [] for name in features}, features=features)
     return datasets.Dataset.from_list(rows, features=features)
 
 

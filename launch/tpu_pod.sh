@@ -1,0 +1,9 @@
+#!/bin/bash
+# CoSAlign on a TPU pod slice: the same command on every host.
+#   TPU=my-v5e-64 ZONE=us-west4-a bash launch/tpu_pod.sh configs/cosalign_llama31_8b_dpo_tpu_v5e_64.py
+# Requires: the repo checked out at the same path on every host and `pip install -e '.[tpu]'`.
+set -euo pipefail
+CONFIG=${1:?usage: TPU=name ZONE=zone bash launch/tpu_pod.sh configs/X.py [overrides]}
+shift
+gcloud compute tpus tpu-vm ssh "${TPU:?set TPU}" --zone "${ZONE:?set ZONE}" --worker=all --command \
+  "cd ~/cosa-jax && python -m launch.train --config $CONFIG $*"

@@ -22,11 +22,11 @@ def get_config():
         base_url="",                 # "" + no OPENAI_API_KEY: the embedded model judges
         model="gpt-4o",
         api_key_env="OPENAI_API_KEY",
-        max_tokens=160,
+        max_tokens=128,
     ))
 
     c.synth = ml_collections.ConfigDict(dict(
-        prompts=6,                   # first N shipped mini prompts
+        prompts=4,                   # first N shipped mini prompts
         n_superset=1, n_not_superset=1, n_safe=1,
         max_tokens=48,
     ))
@@ -37,6 +37,6 @@ def get_config():
     ))
 
     c.eval = ml_collections.ConfigDict(dict(
-        dataset="cosalign_test", limit_per_config=2, max_new_tokens=48,
+        dataset="cosalign_test", limit_per_config=1, max_new_tokens=48,
     ))
     return c

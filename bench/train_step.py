@@ -19,7 +19,10 @@ FLOPs per step (stated so the MFU can be checked), with T = 256, tokens = 4 x 25
   attn  = 4 * L * n_heads * head_dim * T   per token forward (QK^T and PV, full T x T, as computed)
   step  = tokens * (6 N + 3 attn)  [policy forward + backward]
         + tokens * (2 N + attn)    [reference forward]
-Peak: best of several jitted 2048^3 fp32 ``jnp.dot`` calls, measured before and after the steps.
+Peak: best of several jitted 2048^3 fp32 ``jnp.dot`` calls, measured before and after the steps
+(``mfu_vs_measured_peak``). Because other processes share the CPU, the same matmul also runs
+between the timed steps, and ``mfu_vs_adjacent_matmul`` divides each rep's step FLOP/s by the
+FLOP/s of the matmul timed next to it (median over reps): the load-matched figure.
 Run: ``python bench/train_step.py`` (part of ``make bench``).
 """
 
@@ -62,15 +65,26 @@ def dpo_batch(pairs: int, seq: int, vocab: int, prompt_len: int, seed: int = 0):
             "position_ids": np.broadcast_to(np.arange(seq, dtype=np.int32), (rows, seq)).copy()}
 
 
-def matmul_peak(n: int = 2048, reps: int = 5) -> float:
-    """Best fp32 FLOP/s of a jitted n^3 ``jnp.dot``."""
+def matmul_probe(n: int = 2048, calls: int = 3):
+    """A callable doing ``calls`` jitted fp32 n^3 ``jnp.dot``s, and the FLOPs it performs."""
     import jax
     import jax.numpy as jnp
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
     dot = jax.jit(jnp.dot)
     dot(a, b).block_until_ready()
-    return 2 * n ** 3 / min(common.time_reps(lambda: dot(a, b).block_until_ready(), reps=reps))
+
+    def run():
+        for _ in range(calls):
+            dot(a, b).block_until_ready()
+
+    return run, 2 * n ** 3 * calls
+
+
+def matmul_peak(reps: int = 5) -> float:
+    """Best fp32 FLOP/s of the matmul probe."""
+    run, flops = matmul_probe(calls=1)
+    return flops / min(common.time_reps(run, reps=reps))
 
 
 def make_jax_step(model_dir, compute_dtype: str, batch, chunk: int, attention_impl: str,
@@ -184,7 +198,10 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()
         fn()
         warm[name] = time.perf_counter() - t0
+    probe, probe_flops = matmul_probe()
+    contenders["matmul"] = probe
     times = common.time_interleaved(contenders, reps=args.reps, warmup=0)
+    probe_times = times.pop("matmul")
     peak = max(peak_before, matmul_peak())
 
     flops, n_params = step_flops(cfg, rows, args.seq)
@@ -211,6 +228,13 @@ def main(argv=None) -> None:
         print(f"[train_step] ours (JAX)      : {ours:10.1f} tokens/s")
     verdict = "met" if mfu >= 0.70 else "NOT met"
     print(f"[train_step] mfu_vs_measured_peak (jax fp32): {mfu:.1%}  (target >= 70%: {verdict})")
+    adjacent = [(flops / t) / (probe_flops / tp) for t, tp in zip(times["jax fp32"], probe_times)]
+    print(f"[train_step] mfu_vs_adjacent_matmul (jax fp32): {common.median(adjacent):.1%}  (per rep "
+          f"{[f'{x:.0%}' for x in adjacent]}; matmul at "
+          f"{[round(probe_flops / tp / 1e9) for tp in probe_times]} GFLOP/s)")
+    if "torch fp32" in times:
+        adjacent_t = [(flops / t) / (probe_flops / tp) for t, tp in zip(times["torch fp32"], probe_times)]
+        print(f"[train_step] mfu_vs_adjacent_matmul (torch fp32): {common.median(adjacent_t):.1%}")
     if "jax bf16" in times:
         print(f"[train_step] mfu_vs_measured_peak (jax bf16, vs fp32 peak): "
               f"{flops / common.median(times['jax bf16']) / peak:.1%}")

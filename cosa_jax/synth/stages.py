@@ -247,6 +247,11 @@ def label_prompts(cfg: Any) -> dict[str, Any]:
             n_capped += len(groups[key]) - cap
         kept += g
     kept.sort(key=lambda r: r["prompt_id"])
+    if not kept:
+        raise StageError(
+            f"label_prompts: no prompt kept out of {len(rows)} ({n_invalid} judge replies were "
+            f"unparseable, {n_small} in label groups below min_label_group); nothing to generate. "
+            f"Check the judge endpoint (the raw replies are in {_out(cfg) / 'journal'}).")
     _write_atomic(_from_rows(kept, LABELLED_PROMPT_FEATURES), stage_path(cfg, "label_prompts"))
     return {
         "prompts": len(rows),

@@ -105,6 +105,11 @@ def attention(q_btnh, k_bskh, v_bskh, mask_bts, impl: str) -> jax.Array:
                                         implementation=impl)
 
 
+# Backward recomputes the softmax from q and k instead of saving [b, k, g, t, s] probabilities
+# for every layer (the largest activation of a training step); inference is unaffected.
+_attention_recomputed = jax.checkpoint(attention, static_argnums=(4,))
+
+
 def _write_rows(cache_bs, update_bt, start_b):
     """Write each row's update at its own start slot."""
     return jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice_in_dim(c, u, i, axis=0))(
@@ -128,7 +133,7 @@ def decoder_layer(x_btd, layer, cfg: LlamaConfig, cos_bth, sin_bth, mask_bts,
         k, v = k.astype(cdt), v.astype(cdt)
     else:
         new_kv = None
-    a_btnh = attention(q, k, v, mask_bts, cfg.attention_impl)
+    a_btnh = _attention_recomputed(q, k, v, mask_bts, cfg.attention_impl)
     x_btd = x_btd + jnp.einsum("btnh,nhd->btd", a_btnh, w["o_proj"])
     h_btd = rms_norm(x_btd, w["post_attn_norm"], cfg.rms_norm_eps)
     gate = jnp.einsum("btd,df->btf", h_btd, w["gate_proj"])

@@ -101,7 +101,7 @@ def make_train_step(cfg: LlamaConfig, loss_cfg: LossConfig, tx: optax.GradientTr
         if "tokens/target" in metrics:
             metrics["tokens/target"] = metrics["tokens/target"] * n_micro
 
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, new_opt = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)

@@ -173,13 +173,16 @@ def compare_markdown(results_by_model: Mapping[str, Mapping[str, Any]]) -> str:
     for r in results_by_model.values():
         configs += [c for c in r["metrics"]["per_config"] if c not in configs]
         groups += [g for g in r["metrics"]["groups"] if g not in groups]
-    header = ["model"] + [c[1] for c in _COLS[:3]] + [f"CoSA {g}" for g in groups] + [f"CoSA {c}" for c in configs]
+    header = (["model"] + [c[1] for c in _COLS[:3]] + ["valid %"] + [f"CoSA {g}" for g in groups]
+              + [f"CoSA {c}" for c in configs])
     rows = []
     for label in labels:
         m = results_by_model[label]["metrics"]
         rows.append(
             [label]
             + [_fmt(m[k], f) for k, _, f in _COLS[:3]]
+            # Invalid judgements are excluded from every score: show how many were usable.
+            + [_fmt(None if m.get("valid_rate") is None else 100 * m["valid_rate"], "{:.0f}")]
             + [_fmt(m["groups"].get(g, {}).get("cosa_score"), "{:+.3f}") for g in groups]
             + [_fmt(m["per_config"].get(c, {}).get("cosa_score"), "{:+.3f}") for c in configs]
         )

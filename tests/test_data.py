@@ -267,7 +267,7 @@ def test_missing_field_and_bad_json(tmp_path):
     with pytest.raises(data.DataError, match=r"m.jsonl line 3: missing required field 'rejected_response'"):
         data.load_preference_rows(path)
     (tmp_path / "j.jsonl").write_text(json.dumps(_row(0)) + "\n{not json\n")
-    with pytest.raises(data.DataError, match=r"j.jsonl line 2: invalid JSON"):
+    with pytest.raises(data.DataError, match=r"j.jsonl:2: not valid JSON"):
         data.load_preference_rows(tmp_path / "j.jsonl")
     with pytest.raises(data.DataError, match="file not found"):
         data.load_preference_rows(tmp_path / "absent.jsonl")

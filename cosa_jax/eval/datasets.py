@@ -25,6 +25,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from cosa_jax.jsonl import iter_jsonl_objects
 from cosa_jax import safety_configs as sc
 from cosa_jax.taxonomy import Category, from_dash_string, from_dotted_name, parse_categories
 
@@ -128,19 +129,7 @@ def read_rows(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
             ds = ds["train"]
         return [(f"{p}[{i}]", dict(r)) for i, r in enumerate(ds)]
     if p.suffix == ".jsonl":
-        out = []
-        with open(p, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{p}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{p}:{lineno}: expected a JSON object, got {type(row).__name__}")
-                out.append((f"{p}:{lineno}", row))
-        return out
+        return [(f"{p}:{lineno}", row) for lineno, row in iter_jsonl_objects(p)]
     kind = {".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(p.suffix)
     if kind is None:
         raise ValueError(f"{p}: unsupported extension {p.suffix!r}; use .jsonl, .json, .parquet or .csv")

@@ -13,6 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from cosa_jax.jsonl import iter_jsonl_objects
 from cosa_jax.taxonomy import parse_categories, to_names
 
 MINI_PROMPTS_FILE = "mini_prompts.jsonl"
@@ -50,20 +51,7 @@ def _record(text: str, source: str, gold: Iterable[str] | None = None) -> dict[s
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            row["__line__"] = lineno
-            rows.append(row)
-    return rows
+    return [{**row, "__line__": lineno} for lineno, row in iter_jsonl_objects(path)]
 
 
 def load_mini_prompts(path: str | os.PathLike | None = None) -> list[dict[str, Any]]:

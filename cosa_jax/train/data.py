@@ -15,7 +15,6 @@ at `max_length`, so only a handful of shapes ever get compiled.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import warnings
 from collections.abc import Iterator, Sequence
@@ -74,17 +73,9 @@ def validate_row(row: object, where: str) -> dict:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} line {lineno}: invalid JSON ({e.msg})") from None
-            rows.append(validate_row(obj, f"{path} line {lineno}"))
-    return rows
+    from cosa_jax.jsonl import iter_jsonl_objects
+    return [validate_row(obj, f"{path} line {lineno}")
+            for lineno, obj in iter_jsonl_objects(path, error=DataError)]
 
 
 def _pick_split(ds, split: str, where: str):

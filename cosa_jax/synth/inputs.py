@@ -7,7 +7,6 @@ hash of the normalised text so the same prompt keeps its id across sources and r
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from importlib import resources
 from pathlib import Path

@@ -181,9 +181,12 @@ def stage_eval(c, run: Path, models: dict, judge: dict, judge_fn) -> None:
     print(f"[demo] report: {run / 'report'}")
 
 
+
 def main(argv):
     del argv
     c = _CONFIG.value
+    from launch.logs import quiet_library_logs
+    quiet_library_logs()
     run = Path(c.run_dir)
     run.mkdir(parents=True, exist_ok=True)
     wanted = {s.strip() for s in c.stages.split(",") if s.strip()}

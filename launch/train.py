@@ -12,9 +12,12 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/*.py)")
 
 
+
 def main(argv):
     del argv
     from cosa_jax.train.trainer import train
+    from launch.logs import quiet_library_logs
+    quiet_library_logs()
     if _CONFIG.value is None:
         sys.exit("usage: python -m launch.train --config configs/demo.py [--config.KEY=VALUE ...]")
     summary = train(_CONFIG.value)

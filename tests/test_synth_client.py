@@ -62,7 +62,6 @@ def test_retry_after_is_honoured():
         with Journal_tmp() as j:
             res, usage = run_requests_sync(_ep(srv, backoff_base_s=0.001), j, _reqs(3), progress=False)
         assert all(r is not None for r in res) and usage.errors == {"429": 3}
-        times = sorted(t for t, _ in srv.log)
         first = {}
         gaps = []
         for t, content in srv.log:

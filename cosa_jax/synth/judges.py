@@ -58,6 +58,14 @@ def _chat(user: str) -> list[dict[str, str]]:
 # ----- 8-way risk labelling of a prompt (synthesis step 2) ----------------------------------
 
 
+def _risk_answer_format() -> str:
+    """The closing instruction both 8-way risk judges share (one parser reads both)."""
+    return ("First think about each category in turn, one short line per category. Then finish "
+            "with exactly\none line containing a JSON object that maps each of the 8 category "
+            "names, spelled exactly as\nabove, to true or false, for example:\n"
+            f"{_json_example()}\nWrite nothing after that line.")
+
+
 def prompt_risk_messages(prompt: str) -> list[dict[str, str]]:
     """Which categories would a fully compliant answer to this request likely fall into?"""
     user = f"""{PROMPT_RISK_TITLE}
@@ -75,11 +83,7 @@ User request:
 {prompt}
 </request>
 
-First think about each category in turn, one short line per category. Then finish with exactly
-one line containing a JSON object that maps each of the 8 category names, spelled exactly as
-above, to true or false, for example:
-{_json_example()}
-Write nothing after that line."""
+{_risk_answer_format()}"""
     return _chat(user)
 
 
@@ -108,11 +112,7 @@ Assistant response:
 {response}
 </response>
 
-First think about each category in turn, one short line per category. Then finish with exactly
-one line containing a JSON object that maps each of the 8 category names, spelled exactly as
-above, to true or false, for example:
-{_json_example()}
-Write nothing after that line."""
+{_risk_answer_format()}"""
     return _chat(user)
 
 

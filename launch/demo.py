@@ -196,7 +196,8 @@ def main(argv):
         stage_answers(c, base)
     judge, judge_fn = judge_setup(c, base)
 
-    data = Path(str(__import__("cosa_jax.data", fromlist=["DATA_DIR"]).DATA_DIR / "mini_prefs.jsonl"))
+    from cosa_jax.data import DATA_DIR
+    data = DATA_DIR / "mini_prefs.jsonl"
     if "synth" in wanted:
         with BackgroundServer(create_app(base, served_model_name="smollm2")) as srv:
             print(f"[demo] serving {c.model} at {srv.base_url}")

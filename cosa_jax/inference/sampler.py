@@ -55,6 +55,12 @@ def _round_up(n: int, multiple: int) -> int:
     return max(multiple, -(-n // multiple) * multiple)
 
 
+def bucketed_lengths(prompt_lens: Sequence[int], max_new_tokens: Sequence[int]) -> tuple[int, int]:
+    """(prompt bucket, new-token bucket): the shapes ``generate`` compiles for; the KV cache
+    holds their sum."""
+    return _round_up(max(prompt_lens), 64), _round_up(max(max_new_tokens), 32)
+
+
 def _bucket_batch(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
@@ -139,8 +145,8 @@ def generate(params: Params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]],
 
     n = len(prompts)
     batch = _bucket_batch(n)
-    prompt_len = _round_up(max(len(p) for p in prompts), 64)
-    max_new = _round_up(max(s.max_new_tokens for s in per_row), 32)
+    prompt_len, max_new = bucketed_lengths([len(p) for p in prompts],
+                                           [s.max_new_tokens for s in per_row])
     if prompt_len + max_new > cfg.max_position_embeddings:
         raise ValueError(f"prompt ({prompt_len}) + new tokens ({max_new}) exceed the model's "
                          f"max_position_embeddings={cfg.max_position_embeddings}")

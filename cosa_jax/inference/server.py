@@ -102,8 +102,8 @@ class ChatModel:
 
     def padded_length(self, prompt_lens: Sequence[int], max_new: Sequence[int]) -> int:
         """The cache length ``generate`` will allocate for a group (its bucketing rule)."""
-        from cosa_jax.inference.sampler import _round_up
-        return _round_up(max(prompt_lens), 64) + _round_up(max(max_new), 32)
+        from cosa_jax.inference.sampler import bucketed_lengths
+        return sum(bucketed_lengths(prompt_lens, max_new))
 
     def fits(self, jobs: Sequence["GenJob"]) -> bool:
         return self.padded_length([len(j.prompt_ids) for j in jobs],

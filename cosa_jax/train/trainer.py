@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import time
 from pathlib import Path
@@ -29,7 +28,6 @@ from cosa_jax.train import optim
 from cosa_jax.train import step as ts
 from cosa_jax.train.metrics_log import MetricsLog, plot_curves
 
-log = logging.getLogger(__name__)
 
 SEQ_KEYS = ("input_ids", "attention_mask", "labels", "position_ids")
 
@@ -193,10 +191,8 @@ class Trainer:
         micro = self.c.train.batch_size // self.c.train.grad_accum
         n = len(self.eval_examples)
         totals, count = {}, 0
-        for start in range(0, max(n - micro + 1, 1), micro):
-            idx = list(range(start, min(start + micro, n)))
-            if len(idx) < micro:
-                break
+        for start in range(0, n - micro + 1, micro):  # whole micro-batches only: one shape
+            idx = list(range(start, start + micro))
             batch = td.collate([self.eval_examples[i] for i in idx], pad_id=self.pad_id,
                                pad_multiple=self.pad_multiple,
                                max_length=self.c.data.max_length, indices=idx)

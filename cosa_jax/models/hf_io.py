@@ -186,7 +186,7 @@ def load_params(model_dir: Path, cfg: LlamaConfig, mesh=None) -> Params:
 
 
 def load_hf(path, *, dtype="float32", compute_dtype=None, mesh=None, attention_impl="xla",
-            remat="none"):
+            remat="none", scan_layers=True):
     """Load a Llama HF directory (or ``embedded:NAME`` or a hub id) -> ``(Llama, LlamaConfig)``.
 
     ``dtype`` is the parameter dtype; ``compute_dtype`` defaults to it. With ``mesh`` every
@@ -196,7 +196,8 @@ def load_hf(path, *, dtype="float32", compute_dtype=None, mesh=None, attention_i
     dtype = jnp.dtype(dtype).name
     cfg = LlamaConfig.from_json_file(model_dir / "config.json", param_dtype=dtype,
                                      compute_dtype=jnp.dtype(compute_dtype or dtype).name,
-                                     attention_impl=attention_impl, remat=remat)
+                                     attention_impl=attention_impl, remat=remat,
+                                     scan_layers=scan_layers)
     params = load_params(model_dir, cfg, mesh)
     return Llama(cfg, params), cfg
 

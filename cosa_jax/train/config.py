@@ -28,6 +28,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.compute_dtype = "bfloat16"
     c.model.attention_impl = "xla"                     # xla | cudnn | reference
     c.model.remat = "none"                             # none | full | dots | dots_with_no_batch_dims
+    c.model.scan_layers = True                         # False: unrolled layer loop, longer compile
 
     c.data = ml_collections.ConfigDict()
     c.data.train = ""                                  # jsonl / parquet / save_to_disk dir / hub id

@@ -68,7 +68,7 @@ class Trainer:
         m = config.model
         self.model, self.mcfg = load_hf(m.path, dtype=m.param_dtype, compute_dtype=m.compute_dtype,
                                         mesh=self.mesh, attention_impl=m.attention_impl,
-                                        remat=m.remat)
+                                        remat=m.remat, scan_layers=m.scan_layers)
         self.tokenizer = load_tokenizer(m.path)
         self.pad_id = td.pad_id_for(self.tokenizer)
         # Fixed shapes compile once; buckets waste fewer FLOPs but compile once per bucket.

@@ -120,7 +120,8 @@ def _write_rows(cache_bs, update_bt, start_b):
 # as dy^T-contracted-with-x on the token axis; XLA:CPU answers by fusing a transpose into the
 # wide elementwise backward (the SwiGLU derivative) and by running that dot outside its fast
 # GEMM path. Stating dW = x^T @ dy (and dWd^T = dy^T @ a) makes it transpose the narrow
-# d-wide activation instead: about 20% off a layer's backward on CPU, same math everywhere.
+# d-wide activation instead: about 20% off a layer's forward+backward on CPU, same math
+# everywhere. Remat policies still see the dots (``dots`` saves them, ``full`` recomputes).
 @jax.custom_vjp
 def dense(x_mk: jax.Array, w_kn: jax.Array) -> jax.Array:
     """x @ w for 2-D operands."""
@@ -142,7 +143,7 @@ dense.defvjp(_dense_fwd, _dense_bwd)
 @jax.custom_vjp
 def swiglu(x_md: jax.Array, gate_df: jax.Array, up_df: jax.Array, down_fd: jax.Array) -> jax.Array:
     """(silu(x @ gate) * (x @ up)) @ down for 2-D ``x``."""
-    return (jax.nn.silu(x_md @ gate_df) * (x_md @ up_df)) @ down_fd
+    return _swiglu_fwd(x_md, gate_df, up_df, down_fd)[0]
 
 
 def _swiglu_fwd(x_md, gate_df, up_df, down_fd):

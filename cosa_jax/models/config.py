@@ -48,8 +48,9 @@ class LlamaConfig:
     attention_impl: str = "xla"
     remat: str = "none"
     # One lax.scan over stacked layers (compile time flat in depth) or a Python loop (MaxText's
-    # scan_layers=False): unrolled, XLA need not stack per-layer residuals for the backward,
-    # which is faster on CPU at the cost of a longer compile.
+    # scan_layers=False): unrolled, XLA need not stack per-layer residuals for the backward, at
+    # the cost of a compile that grows with depth. (On the 2-core CPU the unrolled DPO step was
+    # not faster: 14.8 s against 13.1 s.)
     scan_layers: bool = True
 
     def __post_init__(self):

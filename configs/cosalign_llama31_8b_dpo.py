@@ -21,4 +21,5 @@ def get_config():
     c.dpo.loss_type = "sigmoid"
     c.dpo.label_smoothing = 0.0
     c.dpo.precompute_ref = False         # True: reference log-probs once, cached on disk
+    c.dpo.share_prompt = True            # one row per pair: the (up to 512-token) prompt runs once
     return c

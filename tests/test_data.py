@@ -127,6 +127,31 @@ def test_tokenize_pairs_and_collate_layout(llama_tok):
     assert b["index"].tolist() == [0, 1, 2]
 
 
+def test_prompt_shared_layout_predicts_each_response_from_its_own_past():
+    """Row = prompt | chosen | rejected; each target sits at the position that predicts it."""
+    ex = [data.TokenizedExample((5, 6, 7), ((10, 11), (20, 21, 22)), False),
+          data.TokenizedExample((8,), ((30,), (40, 41)), False)]
+    b = data.collate_prompt_shared(ex, pad_id=0, pad_multiple=4, min_length=12, indices=[7, 3])
+    assert b["input_ids"].shape == (2, 12) and b["index"].tolist() == [7, 3]
+    assert b["input_ids"][0].tolist() == [5, 6, 7, 10, 11, 20, 21, 22, 0, 0, 0, 0]
+    assert b["attention_mask"][0].tolist() == [1] * 8 + [0] * 4
+    assert b["position_ids"][0, :8].tolist() == [0, 1, 2, 3, 4, 3, 4, 5]
+    assert b["segment_ids"][0, :8].tolist() == [0, 0, 0, 1, 1, 2, 2, 2]
+    ign = -100
+    assert b["chosen_targets"][0, :8].tolist() == [ign, ign, 10, 11, ign, ign, ign, ign]
+    assert b["rejected_targets"][0, :8].tolist() == [ign, ign, 20, ign, ign, 21, 22, ign]
+    assert b["input_ids"][1, :4].tolist() == [8, 30, 40, 41]
+    assert b["chosen_targets"][1, :4].tolist() == [30, ign, ign, ign]
+    assert b["rejected_targets"][1, :4].tolist() == [40, ign, 41, ign]
+    assert b["position_ids"][1, :4].tolist() == [0, 1, 1, 2]
+    # Every response token is predicted exactly once, in its own response's target row.
+    for e, c, r in zip(ex, b["chosen_targets"], b["rejected_targets"]):
+        assert c[c != ign].tolist() == list(e.response_ids[0])
+        assert r[r != ign].tolist() == list(e.response_ids[1])
+    with pytest.raises(ValueError, match="DPO pairs"):
+        data.collate_prompt_shared([data.TokenizedExample((1,), ((2,),), False)], pad_id=0)
+
+
 def test_bucket_lengths():
     assert data.bucket_length(1) == 64 and data.bucket_length(64) == 64
     assert data.bucket_length(65) == 128

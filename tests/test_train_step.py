@@ -52,6 +52,19 @@ def pair_batch(n_pairs, seed, t=24):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "position_ids": pos}
 
 
+def shared_batch(batch):
+    """The same pairs in the prompt-shared layout (one row per pair), built by the data module."""
+    from cosa_jax.train import data as td
+    n = batch["input_ids"].shape[0] // 2
+    examples = []
+    for i in range(n):
+        rows = [batch["input_ids"][r][batch["attention_mask"][r] == 1] for r in (i, n + i)]
+        p = int(np.argmax(batch["labels"][i] != -100))
+        examples.append(td.TokenizedExample(tuple(rows[0][:p].tolist()),
+                                            tuple(tuple(r[p:].tolist()) for r in rows), False))
+    return td.collate_prompt_shared(examples, pad_id=0, pad_multiple=8)
+
+
 def jax_run(path, batches, *, mode="dpo", lr=1e-3, warmup=2, grad_accum=1, mesh_shape=None):
     model, cfg = load_hf(path)
     tx = optim.make_optimizer(lr, warmup, clip_norm=1.0)
@@ -117,12 +130,15 @@ def torch_run(path, batches, *, mode="dpo", lr=1e-3, warmup=2, beta=0.1):
     return policy, losses
 
 
-@pytest.mark.parametrize("mode", ["dpo", "sft"])
+@pytest.mark.parametrize("mode", ["dpo", "sft", "dpo-prompt-shared"])
 def test_three_steps_match_pytorch_reference(tiny, mode):
+    """The prompt-shared layout runs each prompt once; PyTorch still sees the usual rows."""
     batches = [pair_batch(3, seed=s) for s in range(3)]
     if mode == "sft":
         batches = [{k: v[:3] for k, v in b.items()} for b in batches]
-    params, history, cfg = jax_run(tiny, batches, mode=mode)
+    ours_batches = [shared_batch(b) for b in batches] if mode == "dpo-prompt-shared" else batches
+    mode = mode.removesuffix("-prompt-shared")
+    params, history, cfg = jax_run(tiny, ours_batches, mode=mode)
     policy, ref_losses = torch_run(tiny, batches, mode=mode)
     ours = [h["loss"] for h in history]
     print(f"{mode} losses jax {ours} torch {ref_losses}")
@@ -160,9 +176,12 @@ def test_grad_accumulation_equals_one_big_batch(tiny):
     assert_params_close(p1, p2)
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["concatenated", "prompt-shared"])
 @pytest.mark.parametrize("mesh_shape", [(1, 4, 1), (2, 2, 1)])
-def test_sharded_step_equals_single_device(tiny, mesh_shape):
+def test_sharded_step_equals_single_device(tiny, mesh_shape, shared):
     batches = [pair_batch(4, seed=s) for s in (9, 10)]
+    if shared:
+        batches = [shared_batch(b) for b in batches]
     p1, h1, _ = jax_run(tiny, batches)
     p2, h2, _ = jax_run(tiny, batches, mesh_shape=mesh_shape)
     assert [h["loss"] for h in h1] == pytest.approx([h["loss"] for h in h2], rel=1e-5, abs=1e-6)

@@ -107,6 +107,19 @@ def test_precomputed_reference_equals_in_step_reference(tiny_chat, tmp_path):
     assert a["eval"]["eval/loss"] == pytest.approx(b["eval"]["eval/loss"], rel=1e-4)
 
 
+def test_prompt_shared_rows_equal_concatenated_rows(tiny_chat, tmp_path):
+    """dpo.share_prompt runs each prompt once; losses, rewards and gradients are unchanged."""
+    a = Trainer(small_config(tiny_chat, tmp_path / "a", train__batch_size=4,
+                             data__eval_pairs=4)).run()
+    b = Trainer(small_config(tiny_chat, tmp_path / "b", train__batch_size=4, data__eval_pairs=4,
+                             dpo__share_prompt=True)).run()
+    for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm"):
+        assert a["train"][key] == pytest.approx(b["train"][key], rel=1e-4, abs=1e-5)
+    assert a["eval"]["eval/loss"] == pytest.approx(b["eval"]["eval/loss"], rel=1e-4)
+    with pytest.raises(tc.TrainConfigError, match="prompt-shared row per pair"):
+        Trainer(small_config(tiny_chat, tmp_path / "c", train__batch_size=2, dpo__share_prompt=True))
+
+
 def test_sft_mode_runs_and_exports(tiny_chat, tmp_path):
     from transformers import AutoModelForCausalLM
     out = Trainer(small_config(tiny_chat, tmp_path / "sft", train__mode="sft", train__batch_size=4)).run()

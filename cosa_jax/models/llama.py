@@ -204,11 +204,15 @@ _REMAT = {
 def forward_hidden(params: Params, cfg: LlamaConfig, input_ids_bt: jax.Array,
                    attention_mask_bt: jax.Array | None = None,
                    positions_bt: jax.Array | None = None,
-                   cache: KVCache | None = None):
+                   cache: KVCache | None = None,
+                   segment_ids_bt: jax.Array | None = None):
     """Final-normed hidden states [b, t, d] (compute dtype) and the updated cache (or None).
 
     Batches are right-padded. Without a cache, positions default to ``cumsum(mask) - 1``;
     with one, token t of row b goes to slot ``cache.end_b[b] + t`` and takes that position.
+    ``segment_ids_bt`` (no cache) packs several continuations of one prefix in a row: segment 0
+    is the shared prefix, visible to every token after it; a token of segment k > 0 also sees
+    earlier tokens of segment k only (prompt-shared DPO rows, see ``cosa_jax.train.data``).
     """
     b, t = input_ids_bt.shape
     mask_bt = (jnp.ones((b, t), bool) if attention_mask_bt is None
@@ -228,6 +232,11 @@ def forward_hidden(params: Params, cfg: LlamaConfig, input_ids_bt: jax.Array,
         valid_bs = _write_rows(cache.valid_bs, mask_bt, start_b)
     s_idx = jnp.arange(valid_bs.shape[1], dtype=jnp.int32)
     mask_bts = (s_idx[None, None, :] <= q_slot_bt[:, :, None]) & valid_bs[:, None, :]
+    if segment_ids_bt is not None:
+        if cache is not None:
+            raise ValueError("segment_ids_bt is for training rows, not for cached decoding")
+        seg_q, seg_k = segment_ids_bt[:, :, None], segment_ids_bt[:, None, :]
+        mask_bts = mask_bts & ((seg_k == 0) | (seg_k == seg_q))
 
     cdt = jnp.dtype(cfg.compute_dtype)
     x_btd = jnp.take(params["embed_tokens"], input_ids_bt, axis=0).astype(cdt)

@@ -66,6 +66,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.dpo.label_smoothing = 0.0
     c.dpo.loss_type = "sigmoid"                        # sigmoid | ipo | hinge
     c.dpo.precompute_ref = False
+    c.dpo.share_prompt = False                         # one row per pair: the prompt runs once
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (1, -1, 1)                          # (data, fsdp, tensor); -1 = the rest

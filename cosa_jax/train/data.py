@@ -10,6 +10,15 @@ Batch layout (both modes), numpy arrays, right-padded with the tokenizer's eos i
   ones of the same pairs in the same order (`losses.split_pairs` undoes it). SFT: R = B.
 T is the longest sequence in the batch rounded up to a multiple of `pad_multiple` (64), capped
 at `max_length`, so only a handful of shapes ever get compiled.
+
+Prompt-shared DPO layout (`share_prompt=True`, `collate_prompt_shared`): one row per pair,
+[prompt | chosen response | rejected response | padding], so the prompt runs through the model
+once instead of twice (CoSAlign prompts carry the safety config: up to 512 of 640 tokens).
+  input_ids, attention_mask [B, T]; position_ids [B, T] (both responses start at the prompt
+  length); segment_ids [B, T] (0 prompt, 1 chosen, 2 rejected: the attention mask keeps the
+  responses apart); chosen_targets / rejected_targets [B, T]: the token that position t
+  PREDICTS for that response (already shifted), -100 elsewhere: the prompt's last position
+  predicts both first tokens; index [B].
 """
 
 from __future__ import annotations
@@ -325,6 +334,57 @@ def collate(
     }
 
 
+def collate_prompt_shared(
+    examples: Sequence[TokenizedExample],
+    *,
+    pad_id: int,
+    pad_multiple: int = 64,
+    min_length: int = 0,
+    indices: Sequence[int] | None = None,
+) -> dict[str, np.ndarray]:
+    """One row per (chosen, rejected) pair in the prompt-shared layout (module docstring).
+
+    T = the longest row rounded up to pad_multiple, at least min_length (one shape for jit)."""
+    if any(len(e.response_ids) != 2 for e in examples):
+        raise ValueError("the prompt-shared layout needs DPO pairs (chosen, rejected responses)")
+    lengths = [len(e.prompt_ids) + len(e.response_ids[0]) + len(e.response_ids[1]) for e in examples]
+    t = max(bucket_length(max(lengths), pad_multiple=pad_multiple), min_length)
+    rows = len(examples)
+    input_ids = np.full((rows, t), pad_id, np.int32)
+    attention_mask = np.zeros((rows, t), np.int32)
+    position_ids = np.zeros((rows, t), np.int32)
+    segment_ids = np.zeros((rows, t), np.int32)
+    chosen_targets = np.full((rows, t), IGNORE_INDEX, np.int32)
+    rejected_targets = np.full((rows, t), IGNORE_INDEX, np.int32)
+    for r, e in enumerate(examples):
+        p, (chosen, rejected) = len(e.prompt_ids), e.response_ids
+        c, n = len(chosen), lengths[r]
+        if p == 0:
+            raise ValueError(f"example {r}: empty prompt; nothing predicts the first response token")
+        input_ids[r, :n] = e.prompt_ids + chosen + rejected
+        attention_mask[r, :n] = 1
+        position_ids[r, :p + c] = np.arange(p + c)
+        position_ids[r, p + c:n] = np.arange(p, p + len(rejected))
+        segment_ids[r, p:p + c] = 1
+        segment_ids[r, p + c:n] = 2
+        # position t predicts token t+1 inside a response; the prompt's last position predicts
+        # the first token of both.
+        chosen_targets[r, p - 1:p - 1 + c] = chosen
+        if rejected:
+            rejected_targets[r, p - 1] = rejected[0]
+            rejected_targets[r, p + c:n - 1] = rejected[1:]
+    idx = np.arange(len(examples)) if indices is None else np.asarray(indices)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "segment_ids": segment_ids,
+        "chosen_targets": chosen_targets,
+        "rejected_targets": rejected_targets,
+        "index": idx.astype(np.int64),
+    }
+
+
 @dataclasses.dataclass(frozen=True)
 class DataPosition:
     """Where the stream stands: `index` examples of epoch `epoch`'s order already consumed.
@@ -367,11 +427,14 @@ def iterate_batches(
     drop_last: bool = True,
     pad_multiple: int = 64,
     max_length: int | None = None,
+    share_prompt: bool = False,
+    min_length: int = 0,
 ) -> Iterator[tuple[dict[str, np.ndarray], DataPosition]]:
     """Yield (batch, position after this batch) from `start`, for `epochs` epochs (None = forever).
 
     drop_last keeps every batch the same size (fixed shapes under jit); the dropped tail differs
-    every epoch because the order does.
+    every epoch because the order does. share_prompt: DPO pairs in the prompt-shared layout,
+    padded to a multiple of pad_multiple and at least min_length.
     """
     n = len(examples)
     if batch_size <= 0:
@@ -385,8 +448,13 @@ def iterate_batches(
         end = min(end, n)
         while index < end:
             idx = order[index : index + batch_size]
-            batch = collate([examples[i] for i in idx], pad_id=pad_id,
-                            pad_multiple=pad_multiple, max_length=max_length, indices=idx)
+            chunk = [examples[i] for i in idx]
+            if share_prompt:
+                batch = collate_prompt_shared(chunk, pad_id=pad_id, pad_multiple=pad_multiple,
+                                              min_length=min_length, indices=idx)
+            else:
+                batch = collate(chunk, pad_id=pad_id, pad_multiple=pad_multiple,
+                                max_length=max_length, indices=idx)
             index += len(idx)
             nxt = DataPosition(epoch, index) if index < end else DataPosition(epoch + 1, 0)
             yield batch, nxt

@@ -42,6 +42,59 @@ def sequence_logps(logits_btv: jax.Array, labels_bt: jax.Array) -> jax.Array:
     return token_logps(logits_btv, labels_bt).sum(axis=-1)
 
 
+def chunked_target_logps(
+    hidden_btd: jax.Array,
+    unembed_dv: jax.Array,
+    targets_kbt: jax.Array,
+    *,
+    chunk: int = 128,
+) -> jax.Array:
+    """log p(targets_kbt[k, b, t] | position t) for K target sets, [K, B, T] fp32, 0 at -100.
+
+    Targets are aligned with the position that PREDICTS them (already shifted). Several sets
+    share one log-softmax: a prompt-shared DPO row predicts both responses' first tokens from
+    the prompt's last position.
+
+    Why chunks: with a 128k vocabulary the fp32 logits of a 2x640-token batch alone are ~0.6 GB
+    per sequence pair, more than the rest of the activations. We walk over the sequence in
+    chunks of `chunk` positions; each chunk's logits are formed (fp32 accumulation), reduced
+    with logsumexp and dropped. The chunk body is rematerialised so that the backward pass also
+    keeps only one chunk of logits alive instead of saving every chunk's logits for the scan.
+    """
+    if chunk <= 0:
+        raise ValueError(f"chunk must be positive, got {chunk}")
+    b, t, d = hidden_btd.shape
+    k = targets_kbt.shape[0]
+    mask_kbt = targets_kbt != IGNORE_INDEX
+    # -100 is not a valid index; any in-range id works because the mask zeroes it afterwards.
+    targets_kbt = jnp.where(mask_kbt, targets_kbt, 0)
+    n_chunks = max(1, math.ceil(t / chunk))
+    pad = n_chunks * chunk - t
+    h_btd = hidden_btd
+    if pad:
+        h_btd = jnp.pad(h_btd, ((0, 0), (0, pad), (0, 0)))
+        targets_kbt = jnp.pad(targets_kbt, ((0, 0), (0, 0), (0, pad)))
+    # [n_chunks, B, chunk, ...] so lax.map walks over the chunks.
+    h_nbcd = h_btd.reshape(b, n_chunks, chunk, d).transpose(1, 0, 2, 3)
+    tgt_nkbc = targets_kbt.reshape(k, b, n_chunks, chunk).transpose(2, 0, 1, 3)
+
+    @jax.checkpoint
+    def one_chunk(args):
+        h_bcd, tgt_kbc = args
+        logits_bcv = jnp.einsum(
+            "bcd,dv->bcv", h_bcd, unembed_dv, preferred_element_type=jnp.float32
+        )
+        lse_bc = jax.nn.logsumexp(logits_bcv, axis=-1)
+        picked_kbc = jax.vmap(
+            lambda tgt_bc: jnp.take_along_axis(logits_bcv, tgt_bc[..., None], axis=-1)[..., 0]
+        )(tgt_kbc)
+        return picked_kbc - lse_bc
+
+    logp_nkbc = jax.lax.map(one_chunk, (h_nbcd, tgt_nkbc))
+    logp_kbt = logp_nkbc.transpose(1, 2, 0, 3).reshape(k, b, n_chunks * chunk)[:, :, :t]
+    return jnp.where(mask_kbt, logp_kbt, 0.0)
+
+
 def chunked_token_logps(
     hidden_btd: jax.Array,
     unembed_dv: jax.Array,
@@ -51,44 +104,12 @@ def chunked_token_logps(
 ) -> jax.Array:
     """Same result as `token_logps(hidden @ unembed, labels)`, without a full [B,T,V] tensor.
 
-    Why: with a 128k vocabulary the fp32 logits of a 2x640-token batch alone are ~0.6 GB per
-    sequence pair, more than the rest of the activations. We walk over the sequence in chunks
-    of `chunk` positions; each chunk's logits are formed (fp32 accumulation), reduced with
-    logsumexp and dropped. The chunk body is rematerialised so that the backward pass also
-    keeps only one chunk of logits alive instead of saving every chunk's logits for the scan.
-
     hidden_btd: final hidden states (after the last norm), any float dtype.
     unembed_dv: output projection [D, V] (for tied embeddings pass `embedding_vd.T`).
-    Returns [B, T-1] fp32, 0 where the shifted label is -100.
+    Returns [B, T-1] fp32, 0 where the shifted label is -100 (see `chunked_target_logps`).
     """
-    if chunk <= 0:
-        raise ValueError(f"chunk must be positive, got {chunk}")
-    b, t, d = hidden_btd.shape
-    targets_bt, mask_bt = _shifted_labels(labels_bt)
-    h_btd = hidden_btd[:, :-1]
-    n = t - 1
-    n_chunks = max(1, math.ceil(n / chunk))
-    pad = n_chunks * chunk - n
-    if pad:
-        h_btd = jnp.pad(h_btd, ((0, 0), (0, pad), (0, 0)))
-        targets_bt = jnp.pad(targets_bt, ((0, 0), (0, pad)))
-    # [n_chunks, B, chunk, ...] so lax.map walks over the chunks.
-    h_nbcd = h_btd.reshape(b, n_chunks, chunk, d).transpose(1, 0, 2, 3)
-    tgt_nbc = targets_bt.reshape(b, n_chunks, chunk).transpose(1, 0, 2)
-
-    @jax.checkpoint
-    def one_chunk(args):
-        h_bcd, tgt_bc = args
-        logits_bcv = jnp.einsum(
-            "bcd,dv->bcv", h_bcd, unembed_dv, preferred_element_type=jnp.float32
-        )
-        lse_bc = jax.nn.logsumexp(logits_bcv, axis=-1)
-        picked_bc = jnp.take_along_axis(logits_bcv, tgt_bc[..., None], axis=-1)[..., 0]
-        return picked_bc - lse_bc
-
-    logp_nbc = jax.lax.map(one_chunk, (h_nbcd, tgt_nbc))
-    logp_bt = logp_nbc.transpose(1, 0, 2).reshape(b, n_chunks * chunk)[:, :n]
-    return jnp.where(mask_bt, logp_bt, 0.0)
+    return chunked_target_logps(hidden_btd[:, :-1], unembed_dv, labels_bt[None, :, 1:],
+                                chunk=chunk)[0]
 
 
 def chunked_sequence_logps(

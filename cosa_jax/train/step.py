@@ -2,7 +2,8 @@
 
 State is a plain dict pytree ``{"step", "params", "opt_state", "rng"}`` so that Orbax saves and
 restores it onto any mesh. Batches arrive as ``[grad_accum, rows, T]`` (rows = 2 x pairs for
-DPO, chosen rows first, then rejected; see ``cosa_jax.train.data``), sharded on the rows axis
+DPO, chosen rows first, then rejected, or one prompt-shared row per pair; see
+``cosa_jax.train.data``), sharded on the rows axis
 over (data, fsdp); the step scans over the micro-batches, sums fp32 gradients, averages them and
 applies one optimiser update. A non-finite loss or gradient leaves the state untouched and is
 reported in the metrics, so the host can stop with the last good state.
@@ -52,21 +53,34 @@ def sequence_logps(params: Params, cfg: LlamaConfig, micro: dict, chunk: int) ->
     return losses.chunked_sequence_logps(hidden_btd, w_dv, micro["labels"], chunk=chunk)
 
 
+def pair_logps(params: Params, cfg: LlamaConfig, micro: dict, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """Summed (chosen, rejected) response log-probs [pairs] of a DPO micro-batch in either layout:
+    concatenated rows, or one prompt-shared row per pair (``segment_ids`` present)."""
+    if "segment_ids" not in micro:
+        return losses.split_pairs(sequence_logps(params, cfg, micro, chunk))
+    hidden_btd, _ = forward_hidden(params, cfg, micro["input_ids"], micro["attention_mask"],
+                                   micro["position_ids"], segment_ids_bt=micro["segment_ids"])
+    w_dv = unembed_matrix(params, cfg).astype(hidden_btd.dtype)
+    targets_kbt = jnp.stack([micro["chosen_targets"], micro["rejected_targets"]])
+    logp_kbt = losses.chunked_target_logps(hidden_btd, w_dv, targets_kbt, chunk=chunk)
+    chosen_b, rejected_b = logp_kbt.sum(axis=-1)
+    return chosen_b, rejected_b
+
+
 def loss_and_metrics(params: Params, ref_params: Params | None, micro: dict,
                      cfg: LlamaConfig, loss_cfg: LossConfig):
     """Scalar loss of one micro-batch and its metrics (batch means, TRL names)."""
-    logps = sequence_logps(params, cfg, micro, loss_cfg.logps_chunk)
     if loss_cfg.mode == "sft":
+        logps = sequence_logps(params, cfg, micro, loss_cfg.logps_chunk)
         loss, n_tokens = losses.sft_loss(logps, micro["labels"])
         return loss, {"loss": loss, "logps/chosen": jnp.mean(jax.lax.stop_gradient(logps)),
                       "tokens/target": n_tokens.astype(jnp.float32)}
-    pol_c, pol_r = losses.split_pairs(logps)
+    pol_c, pol_r = pair_logps(params, cfg, micro, loss_cfg.logps_chunk)
     if loss_cfg.precomputed_ref:
         ref_c, ref_r = micro["ref_chosen_logps"], micro["ref_rejected_logps"]
     else:
-        ref_logps = jax.lax.stop_gradient(
-            sequence_logps(ref_params, cfg, micro, loss_cfg.logps_chunk))
-        ref_c, ref_r = losses.split_pairs(ref_logps)
+        ref_c, ref_r = jax.lax.stop_gradient(
+            pair_logps(ref_params, cfg, micro, loss_cfg.logps_chunk))
     per_pair, rew_c, rew_r = losses.dpo_loss(pol_c, pol_r, ref_c, ref_r, beta=loss_cfg.beta,
                                              label_smoothing=loss_cfg.label_smoothing,
                                              loss_type=loss_cfg.loss_type)
@@ -157,12 +171,14 @@ def jit_train_step(step_fn, mesh, state_sh: State, batch_example: dict, with_ref
 
 def to_micro_batches(batch: dict[str, Any], grad_accum: int, mode: str) -> dict:
     """Host batch ``[rows, ...]`` -> ``[grad_accum, rows/grad_accum, ...]``, keeping each
-    micro-batch's chosen rows paired with its rejected rows."""
+    micro-batch's chosen rows paired with its rejected rows (prompt-shared rows are pairs
+    already)."""
     out = {}
     for key, x in batch.items():
         if key == "index":
             continue
-        if mode == "dpo" and key in ("input_ids", "attention_mask", "labels", "position_ids"):
+        concatenated = mode == "dpo" and "segment_ids" not in batch
+        if concatenated and key in ("input_ids", "attention_mask", "labels", "position_ids"):
             half = x.shape[0] // 2
             if half % grad_accum:
                 raise ValueError(f"{half} pairs do not split into grad_accum={grad_accum} micro-batches")

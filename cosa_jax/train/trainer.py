@@ -62,6 +62,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(config.to_json_best_effort(indent=2))
         self.mode = config.train.mode
+        self.share_prompt = self.mode == "dpo" and config.dpo.share_prompt
         self.mesh = shd.make_mesh(tc.resolve_mesh_shape(config.mesh.shape, jax.device_count()))
         self._check_batch_fits_mesh()
 
@@ -107,13 +108,15 @@ class Trainer:
     # ------------------------------------------------------------------ setup pieces
     def _check_batch_fits_mesh(self):
         c = self.c
-        rows = c.train.batch_size // c.train.grad_accum * (2 if c.train.mode == "dpo" else 1)
+        two_rows = c.train.mode == "dpo" and not self.share_prompt
+        rows = c.train.batch_size // c.train.grad_accum * (2 if two_rows else 1)
         ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         if rows % ways:
+            how = (" x 2 for DPO" if two_rows
+                   else ", one prompt-shared row per pair" if c.train.mode == "dpo" else "")
             raise tc.TrainConfigError(
                 f"config key train.batch_size: a micro-batch has {rows} sequences "
-                f"(batch_size / grad_accum{' x 2 for DPO' if c.train.mode == 'dpo' else ''}), "
-                f"not divisible by data x fsdp = {ways} devices")
+                f"(batch_size / grad_accum{how}), not divisible by data x fsdp = {ways} devices")
 
     def _init_state(self):
         params = self.model.params()
@@ -167,6 +170,22 @@ class Trainer:
                 np.save(path, out)
             self.ref_logps[tag] = out
 
+    def _shared_min_length(self) -> int:
+        """With data.fixed_length, prompt-shared rows are padded to max_length plus one more
+        response (max_target_length): every pair the reference truncation cut fits one shape."""
+        d = self.c.data
+        if not (self.share_prompt and d.fixed_length):
+            return 0
+        return d.max_length + (d.max_target_length or d.max_length - d.max_prompt_length)
+
+    def _collate(self, examples, idx) -> dict:
+        if self.share_prompt:
+            return td.collate_prompt_shared(examples, pad_id=self.pad_id,
+                                            pad_multiple=self.c.data.pad_multiple,
+                                            min_length=self._shared_min_length(), indices=idx)
+        return td.collate(examples, pad_id=self.pad_id, pad_multiple=self.pad_multiple,
+                          max_length=self.c.data.max_length, indices=idx)
+
     def _device_batch(self, batch: dict, tag: str = "train", grad_accum: int | None = None):
         host = ts.to_micro_batches(batch, grad_accum or self.c.train.grad_accum, self.mode)
         if self.loss_cfg.precomputed_ref:
@@ -193,9 +212,7 @@ class Trainer:
         totals, count = {}, 0
         for start in range(0, n - micro + 1, micro):  # whole micro-batches only: one shape
             idx = list(range(start, start + micro))
-            batch = td.collate([self.eval_examples[i] for i in idx], pad_id=self.pad_id,
-                               pad_multiple=self.pad_multiple,
-                               max_length=self.c.data.max_length, indices=idx)
+            batch = self._collate([self.eval_examples[i] for i in idx], idx)
             metrics = jax.device_get(self._eval_fn(params, self.ref_params,
                                                    self._device_batch(batch, "eval", grad_accum=1)))
             for k, v in metrics.items():
@@ -224,8 +241,11 @@ class Trainer:
         batches = td.iterate_batches(self.train_examples, batch_size=self.c.train.batch_size,
                                      pad_id=self.pad_id, seed=self.c.seed, start=position,
                                      shuffle=self.c.train.shuffle,
-                                     pad_multiple=self.pad_multiple,
-                                     max_length=self.c.data.max_length)
+                                     pad_multiple=(self.c.data.pad_multiple if self.share_prompt
+                                                   else self.pad_multiple),
+                                     max_length=self.c.data.max_length,
+                                     share_prompt=self.share_prompt,
+                                     min_length=self._shared_min_length())
         first_batch, first_pos = next(batches)
         train_step = ts.jit_train_step(
             ts.make_train_step(self.mcfg, self.loss_cfg, self.tx, self.lr_schedule), self.mesh,

@@ -30,6 +30,8 @@ test-fast: setup
 
 bench: setup
 	@for f in bench/forward.py bench/train_step.py bench/generate.py bench/synth_throughput.py; do echo "== $$f"; $(VPY) $$f || exit 1; done
+	@echo "== bench/train_step.py --prompt-len 204 (CoSAlign proportions: 512-token prompts of 640)"
+	@$(VPY) bench/train_step.py --prompt-len 204 --no-bf16
 
 clean:
 	rm -rf $(VENV) .cache runs outputs

@@ -138,16 +138,30 @@ def test_prompt_shared_layout_predicts_each_response_from_its_own_past():
     assert b["position_ids"][0, :8].tolist() == [0, 1, 2, 3, 4, 3, 4, 5]
     assert b["segment_ids"][0, :8].tolist() == [0, 0, 0, 1, 1, 2, 2, 2]
     ign = -100
-    assert b["chosen_targets"][0, :8].tolist() == [ign, ign, 10, 11, ign, ign, ign, ign]
-    assert b["rejected_targets"][0, :8].tolist() == [ign, ign, 20, ign, ign, 21, 22, ign]
+    # Window of W = bucket(3 + 2, 4) = 8 slots from the prompt's last position (row 0: position 2).
+    assert b["response_start"].tolist() == [2, 0]
+    assert b["chosen_targets"].shape == (2, 8)
+    assert b["chosen_targets"][0].tolist() == [10, 11, ign, ign, ign, ign, ign, ign]
+    assert b["rejected_targets"][0].tolist() == [20, ign, ign, 21, 22, ign, ign, ign]
     assert b["input_ids"][1, :4].tolist() == [8, 30, 40, 41]
     assert b["chosen_targets"][1, :4].tolist() == [30, ign, ign, ign]
     assert b["rejected_targets"][1, :4].tolist() == [40, ign, 41, ign]
     assert b["position_ids"][1, :4].tolist() == [0, 1, 1, 2]
-    # Every response token is predicted exactly once, in its own response's target row.
-    for e, c, r in zip(ex, b["chosen_targets"], b["rejected_targets"]):
+    # Slot j sits at position response_start + j and predicts the token after it: each response
+    # token is predicted exactly once, in its own response's target row, from its own past.
+    for e, row, s, c, r in zip(ex, b["input_ids"], b["response_start"], b["chosen_targets"],
+                               b["rejected_targets"]):
         assert c[c != ign].tolist() == list(e.response_ids[0])
         assert r[r != ign].tolist() == list(e.response_ids[1])
+        p = len(e.prompt_ids)
+        for j in np.flatnonzero(c != ign):
+            assert row[s + j + 1] == c[j]
+        for j in np.flatnonzero(r[1:] != ign) + 1:
+            assert row[s + j + 1] == r[j]
+        assert r[0] == row[p + len(e.response_ids[0])]
+    # A wider window multiple is capped at the row length.
+    wide = data.collate_prompt_shared(ex, pad_id=0, pad_multiple=4, window_multiple=64)
+    assert wide["chosen_targets"].shape == (2, wide["input_ids"].shape[1]) == (2, 8)
     with pytest.raises(ValueError, match="DPO pairs"):
         data.collate_prompt_shared([data.TokenizedExample((1,), ((2,),), False)], pad_id=0)
 

@@ -16,9 +16,12 @@ Prompt-shared DPO layout (`share_prompt=True`, `collate_prompt_shared`): one row
 once instead of twice (CoSAlign prompts carry the safety config: up to 512 of 640 tokens).
   input_ids, attention_mask [B, T]; position_ids [B, T] (both responses start at the prompt
   length); segment_ids [B, T] (0 prompt, 1 chosen, 2 rejected: the attention mask keeps the
-  responses apart); chosen_targets / rejected_targets [B, T]: the token that position t
-  PREDICTS for that response (already shifted), -100 elsewhere: the prompt's last position
-  predicts both first tokens; index [B].
+  responses apart); response_start [B] int32: the prompt's last position P-1, where the
+  response window begins; chosen_targets / rejected_targets [B, W]: the token that position
+  response_start + w PREDICTS for that response (already shifted), -100 elsewhere: window
+  slot 0 (the prompt's last position) predicts both first tokens; index [B].
+  W = the longest chosen + rejected in the batch rounded up to `window_multiple`, at most T:
+  the vocabulary projection runs on the window only, never on the prompt.
 """
 
 from __future__ import annotations
@@ -340,22 +343,29 @@ def collate_prompt_shared(
     pad_id: int,
     pad_multiple: int = 64,
     min_length: int = 0,
+    window_multiple: int | None = None,
     indices: Sequence[int] | None = None,
 ) -> dict[str, np.ndarray]:
     """One row per (chosen, rejected) pair in the prompt-shared layout (module docstring).
 
-    T = the longest row rounded up to pad_multiple, at least min_length (one shape for jit)."""
+    T = the longest row rounded up to pad_multiple, at least min_length (one shape for jit);
+    W = the longest chosen + rejected rounded up to window_multiple (default pad_multiple),
+    at most T."""
     if any(len(e.response_ids) != 2 for e in examples):
         raise ValueError("the prompt-shared layout needs DPO pairs (chosen, rejected responses)")
     lengths = [len(e.prompt_ids) + len(e.response_ids[0]) + len(e.response_ids[1]) for e in examples]
     t = max(bucket_length(max(lengths), pad_multiple=pad_multiple), min_length)
+    both = max(len(e.response_ids[0]) + len(e.response_ids[1]) for e in examples)
+    w = min(t, bucket_length(max(both, 1), pad_multiple=pad_multiple if window_multiple is None
+                             else window_multiple))
     rows = len(examples)
     input_ids = np.full((rows, t), pad_id, np.int32)
     attention_mask = np.zeros((rows, t), np.int32)
     position_ids = np.zeros((rows, t), np.int32)
     segment_ids = np.zeros((rows, t), np.int32)
-    chosen_targets = np.full((rows, t), IGNORE_INDEX, np.int32)
-    rejected_targets = np.full((rows, t), IGNORE_INDEX, np.int32)
+    response_start = np.zeros((rows,), np.int32)
+    chosen_targets = np.full((rows, w), IGNORE_INDEX, np.int32)
+    rejected_targets = np.full((rows, w), IGNORE_INDEX, np.int32)
     for r, e in enumerate(examples):
         p, (chosen, rejected) = len(e.prompt_ids), e.response_ids
         c, n = len(chosen), lengths[r]
@@ -367,18 +377,20 @@ def collate_prompt_shared(
         position_ids[r, p + c:n] = np.arange(p, p + len(rejected))
         segment_ids[r, p:p + c] = 1
         segment_ids[r, p + c:n] = 2
-        # position t predicts token t+1 inside a response; the prompt's last position predicts
-        # the first token of both.
-        chosen_targets[r, p - 1:p - 1 + c] = chosen
+        # Window slot j is position p-1+j. Position t predicts token t+1 inside a response; the
+        # prompt's last position (slot 0) predicts the first token of both.
+        response_start[r] = p - 1
+        chosen_targets[r, :c] = chosen
         if rejected:
-            rejected_targets[r, p - 1] = rejected[0]
-            rejected_targets[r, p + c:n - 1] = rejected[1:]
+            rejected_targets[r, 0] = rejected[0]
+            rejected_targets[r, c + 1:c + len(rejected)] = rejected[1:]
     idx = np.arange(len(examples)) if indices is None else np.asarray(indices)
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "position_ids": position_ids,
         "segment_ids": segment_ids,
+        "response_start": response_start,
         "chosen_targets": chosen_targets,
         "rejected_targets": rejected_targets,
         "index": idx.astype(np.int64),
@@ -429,12 +441,14 @@ def iterate_batches(
     max_length: int | None = None,
     share_prompt: bool = False,
     min_length: int = 0,
+    window_multiple: int | None = None,
 ) -> Iterator[tuple[dict[str, np.ndarray], DataPosition]]:
     """Yield (batch, position after this batch) from `start`, for `epochs` epochs (None = forever).
 
     drop_last keeps every batch the same size (fixed shapes under jit); the dropped tail differs
     every epoch because the order does. share_prompt: DPO pairs in the prompt-shared layout,
-    padded to a multiple of pad_multiple and at least min_length.
+    padded to a multiple of pad_multiple and at least min_length, response windows to a
+    multiple of window_multiple (`collate_prompt_shared`).
     """
     n = len(examples)
     if batch_size <= 0:
@@ -451,7 +465,8 @@ def iterate_batches(
             chunk = [examples[i] for i in idx]
             if share_prompt:
                 batch = collate_prompt_shared(chunk, pad_id=pad_id, pad_multiple=pad_multiple,
-                                              min_length=min_length, indices=idx)
+                                              min_length=min_length,
+                                              window_multiple=window_multiple, indices=idx)
             else:
                 batch = collate(chunk, pad_id=pad_id, pad_multiple=pad_multiple,
                                 max_length=max_length, indices=idx)

@@ -60,10 +60,16 @@ def pair_logps(params: Params, cfg: LlamaConfig, micro: dict, chunk: int) -> tup
         return losses.split_pairs(sequence_logps(params, cfg, micro, chunk))
     hidden_btd, _ = forward_hidden(params, cfg, micro["input_ids"], micro["attention_mask"],
                                    micro["position_ids"], segment_ids_bt=micro["segment_ids"])
+    # Only the response window [P-1, P-1+W) meets the vocabulary projection: prompt positions
+    # predict nothing we score. Padding by W keeps every row's slice in range.
+    w = micro["chosen_targets"].shape[-1]
+    padded_btd = jnp.pad(hidden_btd, ((0, 0), (0, w), (0, 0)))
+    window_bwd = jax.vmap(lambda h_td, s: jax.lax.dynamic_slice_in_dim(h_td, s, w, axis=0))(
+        padded_btd, micro["response_start"])
     w_dv = unembed_matrix(params, cfg).astype(hidden_btd.dtype)
-    targets_kbt = jnp.stack([micro["chosen_targets"], micro["rejected_targets"]])
-    logp_kbt = losses.chunked_target_logps(hidden_btd, w_dv, targets_kbt, chunk=chunk)
-    chosen_b, rejected_b = logp_kbt.sum(axis=-1)
+    targets_kbw = jnp.stack([micro["chosen_targets"], micro["rejected_targets"]])
+    logp_kbw = losses.chunked_target_logps(window_bwd, w_dv, targets_kbw, chunk=chunk)
+    chosen_b, rejected_b = logp_kbw.sum(axis=-1)
     return chosen_b, rejected_b
 
 

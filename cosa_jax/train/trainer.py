@@ -178,11 +178,22 @@ class Trainer:
             return 0
         return d.max_length + (d.max_target_length or d.max_length - d.max_prompt_length)
 
+    def _window_multiple(self) -> int:
+        """Response windows of prompt-shared rows (the part that meets the vocabulary) come in
+        multiples of two truncated responses under data.fixed_length, so a run compiles at
+        most T / (2 * max_target_length) shapes; else in multiples of data.pad_multiple."""
+        d = self.c.data
+        if not d.fixed_length:
+            return d.pad_multiple
+        multiple = 2 * (d.max_target_length or d.max_length - d.max_prompt_length)
+        return multiple if multiple > 0 else d.pad_multiple
+
     def _collate(self, examples, idx) -> dict:
         if self.share_prompt:
             return td.collate_prompt_shared(examples, pad_id=self.pad_id,
                                             pad_multiple=self.c.data.pad_multiple,
-                                            min_length=self._shared_min_length(), indices=idx)
+                                            min_length=self._shared_min_length(),
+                                            window_multiple=self._window_multiple(), indices=idx)
         return td.collate(examples, pad_id=self.pad_id, pad_multiple=self.pad_multiple,
                           max_length=self.c.data.max_length, indices=idx)
 
@@ -245,7 +256,8 @@ class Trainer:
                                                    else self.pad_multiple),
                                      max_length=self.c.data.max_length,
                                      share_prompt=self.share_prompt,
-                                     min_length=self._shared_min_length())
+                                     min_length=self._shared_min_length(),
+                                     window_multiple=self._window_multiple())
         first_batch, first_pos = next(batches)
         train_step = ts.jit_train_step(
             ts.make_train_step(self.mcfg, self.loss_cfg, self.tx, self.lr_schedule), self.mesh,

@@ -125,6 +125,27 @@ def test_tokenize_pairs_and_collate_layout(llama_tok):
             assert b["labels"][row, p:n].tolist() == list(e.response_ids[j])
     assert b["position_ids"][4].tolist() == list(range(t))
     assert b["index"].tolist() == [0, 1, 2]
+    # Response windows: slot w is position response_start + w and holds the label it predicts.
+    w = b["targets"].shape[1]
+    assert w % 64 == 0 or w == t - 1
+    for row in range(6):
+        p = int(np.argmax(b["labels"][row] != -100))
+        assert b["response_start"][row] == p - 1
+        labelled = b["labels"][row, p:][b["labels"][row, p:] != -100]
+        assert b["targets"][row][b["targets"][row] != -100].tolist() == labelled.tolist()
+        for slot in np.flatnonzero(b["targets"][row] != -100):
+            assert b["input_ids"][row, p + slot] == b["targets"][row, slot]
+
+
+def test_response_window_is_capped_and_covers_the_longest_response():
+    labels = np.full((2, 10), -100, np.int32)
+    labels[0, 1:10] = np.arange(9)  # prompt of 1 token, response to the end
+    labels[1, 7:9] = [5, 6]
+    b = data.add_response_windows({"labels": labels}, window_multiple=4)
+    assert b["response_start"].tolist() == [0, 6]
+    assert b["targets"].shape == (2, 9)  # bucket(9, 4) = 12 > T - 1
+    assert b["targets"][0].tolist() == list(range(9))
+    assert b["targets"][1].tolist() == [5, 6] + [-100] * 7
 
 
 def test_prompt_shared_layout_predicts_each_response_from_its_own_past():

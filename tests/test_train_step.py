@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from cosa_jax import sharding as shd
 from cosa_jax.models import load_hf
 from cosa_jax.train import optim
+from cosa_jax.train import data as td
 from cosa_jax.train import step as ts
 from model_fixtures import make_hf_model
 
@@ -54,7 +55,6 @@ def pair_batch(n_pairs, seed, t=24):
 
 def shared_batch(batch):
     """The same pairs in the prompt-shared layout (one row per pair), built by the data module."""
-    from cosa_jax.train import data as td
     n = batch["input_ids"].shape[0] // 2
     examples = []
     for i in range(n):
@@ -130,14 +130,20 @@ def torch_run(path, batches, *, mode="dpo", lr=1e-3, warmup=2, beta=0.1):
     return policy, losses
 
 
-@pytest.mark.parametrize("mode", ["dpo", "sft", "dpo-prompt-shared"])
+@pytest.mark.parametrize("mode", ["dpo", "sft", "dpo-windows", "sft-windows", "dpo-prompt-shared"])
 def test_three_steps_match_pytorch_reference(tiny, mode):
-    """The prompt-shared layout runs each prompt once; PyTorch still sees the usual rows."""
+    """Windows project only the response positions onto the vocabulary; the prompt-shared
+    layout runs each prompt once. PyTorch sees the usual rows and full logits every time."""
     batches = [pair_batch(3, seed=s) for s in range(3)]
-    if mode == "sft":
+    if mode.startswith("sft"):
         batches = [{k: v[:3] for k, v in b.items()} for b in batches]
-    ours_batches = [shared_batch(b) for b in batches] if mode == "dpo-prompt-shared" else batches
-    mode = mode.removesuffix("-prompt-shared")
+    ours_batches = batches
+    if mode.endswith("-windows"):
+        ours_batches = [td.add_response_windows(b, window_multiple=1) for b in batches]
+        assert ours_batches[0]["targets"].shape[1] < batches[0]["labels"].shape[1] - 1
+    elif mode.endswith("-prompt-shared"):
+        ours_batches = [shared_batch(b) for b in batches]
+    mode = mode.split("-")[0]
     params, history, cfg = jax_run(tiny, ours_batches, mode=mode)
     policy, ref_losses = torch_run(tiny, batches, mode=mode)
     ours = [h["loss"] for h in history]
@@ -176,11 +182,13 @@ def test_grad_accumulation_equals_one_big_batch(tiny):
     assert_params_close(p1, p2)
 
 
-@pytest.mark.parametrize("shared", [False, True], ids=["concatenated", "prompt-shared"])
+@pytest.mark.parametrize("layout", ["concatenated", "windows", "prompt-shared"])
 @pytest.mark.parametrize("mesh_shape", [(1, 4, 1), (2, 2, 1)])
-def test_sharded_step_equals_single_device(tiny, mesh_shape, shared):
+def test_sharded_step_equals_single_device(tiny, mesh_shape, layout):
     batches = [pair_batch(4, seed=s) for s in (9, 10)]
-    if shared:
+    if layout == "windows":
+        batches = [td.add_response_windows(b, window_multiple=8) for b in batches]
+    elif layout == "prompt-shared":
         batches = [shared_batch(b) for b in batches]
     p1, h1, _ = jax_run(tiny, batches)
     p2, h2, _ = jax_run(tiny, batches, mesh_shape=mesh_shape)

@@ -10,6 +10,10 @@ Batch layout (both modes), numpy arrays, right-padded with the tokenizer's eos i
   ones of the same pairs in the same order (`losses.split_pairs` undoes it). SFT: R = B.
 T is the longest sequence in the batch rounded up to a multiple of `pad_multiple` (64), capped
 at `max_length`, so only a handful of shapes ever get compiled.
+Response windows (`collate`, `add_response_windows`): response_start [R] int32, the position
+before a row's first label; targets [R, W] int32, targets[r, w] = labels[r, response_start + 1
++ w] (-100 past the end), W = the longest response rounded up to `window_multiple`, at most
+T - 1. The step projects only these W positions onto the vocabulary, not the prompt.
 
 Prompt-shared DPO layout (`share_prompt=True`, `collate_prompt_shared`): one row per pair,
 [prompt | chosen response | rejected response | padding], so the prompt runs through the model
@@ -307,9 +311,11 @@ def collate(
     pad_id: int,
     pad_multiple: int = 64,
     max_length: int | None = None,
+    window_multiple: int | None = None,
     indices: Sequence[int] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Padded numpy batch in the layout described in the module docstring."""
+    """Padded numpy batch in the layout described in the module docstring, with response
+    windows in multiples of window_multiple (default pad_multiple)."""
     n_resp = len(examples[0].response_ids)
     if any(len(e.response_ids) != n_resp for e in examples):
         raise ValueError("cannot mix DPO and SFT examples in one batch")
@@ -328,13 +334,32 @@ def collate(
         attention_mask[r, : len(seq)] = 1
         labels[r, p : len(seq)] = seq[p:]
     idx = np.arange(len(examples)) if indices is None else np.asarray(indices)
-    return {
+    batch = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "labels": labels,
         "position_ids": np.broadcast_to(np.arange(t, dtype=np.int32), (rows, t)).copy(),
         "index": idx.astype(np.int64),
     }
+    return add_response_windows(batch, window_multiple=(pad_multiple if window_multiple is None
+                                                         else window_multiple))
+
+
+def add_response_windows(batch: dict[str, np.ndarray], *, window_multiple: int = 64) -> dict:
+    """The batch plus response_start / targets (module docstring), computed from its labels."""
+    labels = np.asarray(batch["labels"])
+    rows, t = labels.shape
+    has = labels != IGNORE_INDEX
+    has[:, 0] = False  # position 0 is never predicted
+    first = np.where(has.any(axis=1), has.argmax(axis=1), 1)
+    last = np.where(has.any(axis=1), t - 1 - has[:, ::-1].argmax(axis=1), 1)
+    start = (first - 1).astype(np.int32)
+    w = min(t - 1, bucket_length(max(1, int((last - start).max())), pad_multiple=window_multiple))
+    targets = np.full((rows, w), IGNORE_INDEX, np.int32)
+    for r in range(rows):
+        span = labels[r, start[r] + 1:start[r] + 1 + w]
+        targets[r, :len(span)] = span
+    return {**batch, "response_start": start, "targets": targets}
 
 
 def collate_prompt_shared(
@@ -447,8 +472,8 @@ def iterate_batches(
 
     drop_last keeps every batch the same size (fixed shapes under jit); the dropped tail differs
     every epoch because the order does. share_prompt: DPO pairs in the prompt-shared layout,
-    padded to a multiple of pad_multiple and at least min_length, response windows to a
-    multiple of window_multiple (`collate_prompt_shared`).
+    padded to a multiple of pad_multiple and at least min_length. Response windows come in
+    multiples of window_multiple (`collate`, `collate_prompt_shared`).
     """
     n = len(examples)
     if batch_size <= 0:
@@ -469,7 +494,8 @@ def iterate_batches(
                                               window_multiple=window_multiple, indices=idx)
             else:
                 batch = collate(chunk, pad_id=pad_id, pad_multiple=pad_multiple,
-                                max_length=max_length, indices=idx)
+                                max_length=max_length, window_multiple=window_multiple,
+                                indices=idx)
             index += len(idx)
             nxt = DataPosition(epoch, index) if index < end else DataPosition(epoch + 1, 0)
             yield batch, nxt

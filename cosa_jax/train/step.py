@@ -45,11 +45,25 @@ class LossConfig:
             raise ValueError(f"dpo.loss_type must be one of {losses.LOSS_TYPES}, got {self.loss_type!r}")
 
 
+def response_window(hidden_btd: jax.Array, start_b: jax.Array, width: int) -> jax.Array:
+    """hidden[b, start_b[b] : start_b[b] + width] as [b, width, d]. Only these positions meet
+    the vocabulary projection; the prompt's positions predict nothing we score. Padding by
+    ``width`` keeps every row's slice in range."""
+    padded_btd = jnp.pad(hidden_btd, ((0, 0), (0, width), (0, 0)))
+    return jax.vmap(lambda h_td, s: jax.lax.dynamic_slice_in_dim(h_td, s, width, axis=0))(
+        padded_btd, start_b)
+
+
 def sequence_logps(params: Params, cfg: LlamaConfig, micro: dict, chunk: int) -> jax.Array:
-    """Summed response log-probs [rows] without materialising [rows, T, V] logits."""
+    """Summed response log-probs [rows] without materialising [rows, T, V] logits: over the
+    response windows when the batch has them (``data.collate``), else over all positions."""
     hidden_btd, _ = forward_hidden(params, cfg, micro["input_ids"], micro["attention_mask"],
                                    micro["position_ids"])
     w_dv = unembed_matrix(params, cfg).astype(hidden_btd.dtype)
+    if "targets" in micro:
+        window_bwd = response_window(hidden_btd, micro["response_start"], micro["targets"].shape[-1])
+        return losses.chunked_target_logps(window_bwd, w_dv, micro["targets"][None],
+                                           chunk=chunk)[0].sum(axis=-1)
     return losses.chunked_sequence_logps(hidden_btd, w_dv, micro["labels"], chunk=chunk)
 
 
@@ -60,12 +74,8 @@ def pair_logps(params: Params, cfg: LlamaConfig, micro: dict, chunk: int) -> tup
         return losses.split_pairs(sequence_logps(params, cfg, micro, chunk))
     hidden_btd, _ = forward_hidden(params, cfg, micro["input_ids"], micro["attention_mask"],
                                    micro["position_ids"], segment_ids_bt=micro["segment_ids"])
-    # Only the response window [P-1, P-1+W) meets the vocabulary projection: prompt positions
-    # predict nothing we score. Padding by W keeps every row's slice in range.
-    w = micro["chosen_targets"].shape[-1]
-    padded_btd = jnp.pad(hidden_btd, ((0, 0), (0, w), (0, 0)))
-    window_bwd = jax.vmap(lambda h_td, s: jax.lax.dynamic_slice_in_dim(h_td, s, w, axis=0))(
-        padded_btd, micro["response_start"])
+    window_bwd = response_window(hidden_btd, micro["response_start"],
+                                 micro["chosen_targets"].shape[-1])
     w_dv = unembed_matrix(params, cfg).astype(hidden_btd.dtype)
     targets_kbw = jnp.stack([micro["chosen_targets"], micro["rejected_targets"]])
     logp_kbw = losses.chunked_target_logps(window_bwd, w_dv, targets_kbw, chunk=chunk)
@@ -175,6 +185,10 @@ def jit_train_step(step_fn, mesh, state_sh: State, batch_example: dict, with_ref
                    out_shardings=(state_sh, shd.replicated(mesh)), donate_argnums=(0,))
 
 
+# Keys with one entry per row of the concatenated layout (chosen rows, then rejected rows).
+ROW_KEYS = ("input_ids", "attention_mask", "labels", "position_ids", "response_start", "targets")
+
+
 def to_micro_batches(batch: dict[str, Any], grad_accum: int, mode: str) -> dict:
     """Host batch ``[rows, ...]`` -> ``[grad_accum, rows/grad_accum, ...]``, keeping each
     micro-batch's chosen rows paired with its rejected rows (prompt-shared rows are pairs
@@ -184,7 +198,7 @@ def to_micro_batches(batch: dict[str, Any], grad_accum: int, mode: str) -> dict:
         if key == "index":
             continue
         concatenated = mode == "dpo" and "segment_ids" not in batch
-        if concatenated and key in ("input_ids", "attention_mask", "labels", "position_ids"):
+        if concatenated and key in ROW_KEYS:
             half = x.shape[0] // 2
             if half % grad_accum:
                 raise ValueError(f"{half} pairs do not split into grad_accum={grad_accum} micro-batches")

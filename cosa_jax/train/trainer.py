@@ -29,7 +29,7 @@ from cosa_jax.train import step as ts
 from cosa_jax.train.metrics_log import MetricsLog, plot_curves
 
 
-SEQ_KEYS = ("input_ids", "attention_mask", "labels", "position_ids")
+SEQ_KEYS = ("input_ids", "attention_mask", "labels", "position_ids", "response_start", "targets")
 
 
 class TrainingDiverged(RuntimeError):
@@ -161,8 +161,10 @@ class Trainer:
                 idx += [idx[-1]] * (micro_pairs - len(idx))  # fixed shape: repeat the last pair
                 batch = td.collate([examples[i] for i in idx], pad_id=self.pad_id,
                                    pad_multiple=self.pad_multiple,
-                                   max_length=self.c.data.max_length)
-                dev = {k: _global_array(batch[k], shd.batch_sharding(self.mesh, 2)) for k in SEQ_KEYS}
+                                   max_length=self.c.data.max_length,
+                                   window_multiple=self._window_multiple())
+                dev = {k: _global_array(batch[k], shd.batch_sharding(self.mesh, batch[k].ndim))
+                       for k in SEQ_KEYS}
                 logps = np.asarray(jax.device_get(fn(params, dev)))
                 out[idx, 0], out[idx, 1] = logps[:micro_pairs], logps[micro_pairs:]
             if self.is_main:
@@ -179,13 +181,14 @@ class Trainer:
         return d.max_length + (d.max_target_length or d.max_length - d.max_prompt_length)
 
     def _window_multiple(self) -> int:
-        """Response windows of prompt-shared rows (the part that meets the vocabulary) come in
-        multiples of two truncated responses under data.fixed_length, so a run compiles at
-        most T / (2 * max_target_length) shapes; else in multiples of data.pad_multiple."""
+        """Response windows (the positions that meet the vocabulary) come in multiples of one
+        truncated response per row (two in a prompt-shared row) under data.fixed_length, so a
+        run compiles a few shapes (at most T / that); else in multiples of data.pad_multiple."""
         d = self.c.data
         if not d.fixed_length:
             return d.pad_multiple
-        multiple = 2 * (d.max_target_length or d.max_length - d.max_prompt_length)
+        per_response = d.max_target_length or d.max_length - d.max_prompt_length
+        multiple = per_response * (2 if self.share_prompt else 1)
         return multiple if multiple > 0 else d.pad_multiple
 
     def _collate(self, examples, idx) -> dict:
@@ -195,7 +198,8 @@ class Trainer:
                                             min_length=self._shared_min_length(),
                                             window_multiple=self._window_multiple(), indices=idx)
         return td.collate(examples, pad_id=self.pad_id, pad_multiple=self.pad_multiple,
-                          max_length=self.c.data.max_length, indices=idx)
+                          max_length=self.c.data.max_length,
+                          window_multiple=self._window_multiple(), indices=idx)
 
     def _device_batch(self, batch: dict, tag: str = "train", grad_accum: int | None = None):
         host = ts.to_micro_batches(batch, grad_accum or self.c.train.grad_accum, self.mode)

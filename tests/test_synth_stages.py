@@ -126,6 +126,15 @@ def test_missing_input_stage_is_a_clear_error(tmp_path):
         stages.run_stage(cfg, "score")
 
 
+def test_empty_stage_output_is_a_clear_error(tmp_path):
+    """A stage that kept nothing (e.g. a judge whose every label was invalid) stops the next
+    stage with a StageError naming it, not an IndexError from inside `datasets`."""
+    cfg = _demo_config(tmp_path / "o", "http://127.0.0.1:9/v1")
+    stages._write_atomic(datasets.Dataset.from_list([]), stages.stage_path(cfg, "score"))
+    with pytest.raises(stages.StageError, match="stage 'score' produced no rows"):
+        stages.run_stage(cfg, "pair")
+
+
 def test_cli_single_stage_then_all(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     base = [sys.executable, "-m", "launch.synthesize", "--config", str(REPO / "configs" / "synth_demo.py"),

@@ -84,6 +84,11 @@ def _read_stage(cfg: Any, stage: str) -> datasets.Dataset:
     p = stage_path(cfg, stage)
     if not p.exists():
         raise StageError(f"input {p} of a later stage is missing: run stage {stage!r} first")
+    # `datasets` saves a 0-row dataset without any data file and then cannot load it back.
+    state = json.loads((p / "state.json").read_text()) if (p / "state.json").exists() else {}
+    if "_data_files" in state and not state["_data_files"]:
+        raise StageError(f"stage {stage!r} produced no rows ({p}): nothing left for the stages "
+                         f"after it; see that stage's summary for what was dropped")
     return datasets.load_from_disk(str(p))
 
 

@@ -40,8 +40,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.max_length = 640
     c.data.max_prompt_length = 512
     c.data.max_target_length = 128
-    c.data.fixed_length = True                         # pad every batch to max_length (one compile;
-                                                       # prompt-shared windows: a few)
+    c.data.fixed_length = True                         # pad every batch to max_length (one row
+                                                       # length; response windows: a few shapes)
     c.data.pad_multiple = 64                           # bucket size when fixed_length is False
 
     c.train = ml_collections.ConfigDict()

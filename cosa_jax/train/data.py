@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -464,17 +464,19 @@ def iterate_batches(
     drop_last: bool = True,
     pad_multiple: int = 64,
     max_length: int | None = None,
-    share_prompt: bool = False,
-    min_length: int = 0,
-    window_multiple: int | None = None,
+    collate_fn: Callable[[list[TokenizedExample], np.ndarray], dict] | None = None,
 ) -> Iterator[tuple[dict[str, np.ndarray], DataPosition]]:
     """Yield (batch, position after this batch) from `start`, for `epochs` epochs (None = forever).
 
     drop_last keeps every batch the same size (fixed shapes under jit); the dropped tail differs
-    every epoch because the order does. share_prompt: DPO pairs in the prompt-shared layout,
-    padded to a multiple of pad_multiple and at least min_length. Response windows come in
-    multiples of window_multiple (`collate`, `collate_prompt_shared`).
+    every epoch because the order does. collate_fn(examples, indices) builds each batch (e.g.
+    `collate_prompt_shared` with the caller's lengths); default `collate` with pad_multiple
+    and max_length.
     """
+    if collate_fn is None:
+        def collate_fn(chunk, idx):
+            return collate(chunk, pad_id=pad_id, pad_multiple=pad_multiple,
+                           max_length=max_length, indices=idx)
     n = len(examples)
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -487,15 +489,7 @@ def iterate_batches(
         end = min(end, n)
         while index < end:
             idx = order[index : index + batch_size]
-            chunk = [examples[i] for i in idx]
-            if share_prompt:
-                batch = collate_prompt_shared(chunk, pad_id=pad_id, pad_multiple=pad_multiple,
-                                              min_length=min_length,
-                                              window_multiple=window_multiple, indices=idx)
-            else:
-                batch = collate(chunk, pad_id=pad_id, pad_multiple=pad_multiple,
-                                max_length=max_length, window_multiple=window_multiple,
-                                indices=idx)
+            batch = collate_fn([examples[i] for i in idx], idx)
             index += len(idx)
             nxt = DataPosition(epoch, index) if index < end else DataPosition(epoch + 1, 0)
             yield batch, nxt

@@ -172,13 +172,18 @@ class Trainer:
                 np.save(path, out)
             self.ref_logps[tag] = out
 
+    def _response_budget(self) -> int:
+        """Tokens of one response the reference truncation keeps when it cuts."""
+        d = self.c.data
+        return d.max_target_length or d.max_length - d.max_prompt_length
+
     def _shared_min_length(self) -> int:
         """With data.fixed_length, prompt-shared rows are padded to max_length plus one more
         response (max_target_length): every pair the reference truncation cut fits one shape."""
         d = self.c.data
         if not (self.share_prompt and d.fixed_length):
             return 0
-        return d.max_length + (d.max_target_length or d.max_length - d.max_prompt_length)
+        return d.max_length + self._response_budget()
 
     def _window_multiple(self) -> int:
         """Response windows (the positions that meet the vocabulary) come in multiples of one
@@ -187,8 +192,7 @@ class Trainer:
         d = self.c.data
         if not d.fixed_length:
             return d.pad_multiple
-        per_response = d.max_target_length or d.max_length - d.max_prompt_length
-        multiple = per_response * (2 if self.share_prompt else 1)
+        multiple = self._response_budget() * (2 if self.share_prompt else 1)
         return multiple if multiple > 0 else d.pad_multiple
 
     def _collate(self, examples, idx) -> dict:
@@ -255,13 +259,7 @@ class Trainer:
 
         batches = td.iterate_batches(self.train_examples, batch_size=self.c.train.batch_size,
                                      pad_id=self.pad_id, seed=self.c.seed, start=position,
-                                     shuffle=self.c.train.shuffle,
-                                     pad_multiple=(self.c.data.pad_multiple if self.share_prompt
-                                                   else self.pad_multiple),
-                                     max_length=self.c.data.max_length,
-                                     share_prompt=self.share_prompt,
-                                     min_length=self._shared_min_length(),
-                                     window_multiple=self._window_multiple())
+                                     shuffle=self.c.train.shuffle, collate_fn=self._collate)
         first_batch, first_pos = next(batches)
         train_step = ts.jit_train_step(
             ts.make_train_step(self.mcfg, self.loss_cfg, self.tx, self.lr_schedule), self.mesh,

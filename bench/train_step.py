@@ -10,7 +10,9 @@ parameters; JAX runs fp32 compute (the row compared with PyTorch) and bf16 compu
         the same concatenated rows as PyTorch ("jax fp32"; like the trainer's batches they carry
         response windows, so the vocabulary projection skips the prompt) and on prompt-shared
         rows ("jax fp32 shared", ``dpo.share_prompt``: one row per pair, prompt | chosen |
-        rejected, so each prompt runs once; the configs of the paper recipe use it).
+        rejected, so each prompt runs once; the configs of the paper recipe use it). The
+        window logits are kept for the backward (``train.save_logits``, on in configs/demo.py
+        and the 8B DPO config; PyTorch's autograd keeps its full logits too).
   peer: transformers ``LlamaForCausalLM`` fp32 policy + frozen reference, full logits,
         ``clip_grad_norm_`` and ``torch.optim.RMSprop`` (the step tests/test_train_step.py checks
         our step against).
@@ -26,8 +28,11 @@ FLOPs per step (stated so the MFU can be checked), with T = 256, tokens = 4 x 25
 tokens/s counts the 2 x pairs x T tokens of the DPO batch for every contender (the same work).
 Our rows give FLOP/s twice: the standard count above (what the step delivers, and what
 PyTorch executes) and the FLOPs they execute: the unembedding only on each row's response
-window (``data.collate``), and for prompt-shared rows, rows of 2T - prompt tokens padded to a
-multiple of 64 with attention over that length. The 70% target is judged on executed FLOPs.
+window (``data.collate``); attention on the part of the square that causal query blocks form
+(``llama.causal_attention``: 4 blocks, 10/16); for prompt-shared rows, rows of 2T - prompt
+tokens padded to a multiple of 64 with attention over that length. Recomputation (the
+attention softmax; the window logits under ``--recompute-logits``) is not counted, as MFU
+conventions have it. The 70% target is judged on executed FLOPs.
 Peak: best of several jitted 2048^3 fp32 ``jnp.dot`` calls, measured before and after the steps
 (``mfu_vs_measured_peak``). Because other processes share the CPU, the same matmul also runs
 between the timed steps, and ``mfu_vs_adjacent_matmul`` divides each rep's step FLOP/s by the
@@ -51,13 +56,15 @@ LR = 1e-6
 CLIP = 10.0
 
 
-def step_flops(cfg, rows: int, seq: int, head_positions: int | None = None) -> tuple[float, float]:
+def step_flops(cfg, rows: int, seq: int, head_positions: int | None = None,
+               attn_fraction: float = 1.0) -> tuple[float, float]:
     """(FLOPs of one DPO step, N) by the formula in the module docstring (rows of seq tokens;
-    the d x V unembedding on head_positions of them, default all)."""
+    the d x V unembedding on head_positions of them, default all; attn_fraction of the T x T
+    score square formed)."""
     d, f, v, hd = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
     per_layer = d * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + 3 * d * f
     body, head = cfg.num_layers * per_layer, d * v
-    attn = 4 * cfg.num_layers * cfg.num_heads * hd * seq
+    attn = attn_fraction * 4 * cfg.num_layers * cfg.num_heads * hd * seq
     tokens = rows * seq
     head_positions = tokens if head_positions is None else head_positions
     flops = tokens * (8 * body + 4 * attn) + head_positions * 8 * head
@@ -111,7 +118,7 @@ def matmul_peak(reps: int = 5) -> float:
 
 
 def make_jax_step(model_dir, compute_dtype: str, batch, chunk: int, attention_impl: str,
-                  remat: str, ref_params=None):
+                  remat: str, ref_params=None, save_logits: bool = True):
     """A zero-argument callable running one jitted step on a donated state, and its losses."""
     import jax
     import jax.numpy as jnp
@@ -126,7 +133,8 @@ def make_jax_step(model_dir, compute_dtype: str, batch, chunk: int, attention_im
     if ref_params is None:
         ref_params = jax.tree.map(jnp.copy, params)
     tx = optim.make_optimizer(LR, 0, clip_norm=CLIP)
-    step = jax.jit(ts.make_train_step(cfg, ts.LossConfig(mode="dpo", beta=BETA, logps_chunk=chunk), tx),
+    loss_cfg = ts.LossConfig(mode="dpo", beta=BETA, logps_chunk=chunk, save_logits=save_logits)
+    step = jax.jit(ts.make_train_step(cfg, loss_cfg, tx),
                    donate_argnums=(0,))
     micro = jax.device_put(ts.to_micro_batches(batch, 1, "dpo"))
     holder = {"state": ts.init_state(params, tx, 0)}
@@ -187,6 +195,8 @@ def main(argv=None) -> None:
     p.add_argument("--logps-chunk", type=int, default=128, help="LossConfig.logps_chunk of our step")
     p.add_argument("--attention-impl", default="xla", choices=["xla", "reference"])
     p.add_argument("--remat", default="none")
+    p.add_argument("--recompute-logits", action="store_true",
+                   help="train.save_logits=False: form the window logits again in the backward")
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16-compute JAX row")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch step (investigations)")
     args = p.parse_args(argv)
@@ -212,12 +222,15 @@ def main(argv=None) -> None:
     shared = shared_batch(batch, args.pairs, args.prompt_len)
     contenders, losses = {}, {}
     contenders["jax fp32"], losses["jax fp32"], cfg, ref = make_jax_step(
-        model_dir, "float32", windowed, args.logps_chunk, args.attention_impl, args.remat)
+        model_dir, "float32", windowed, args.logps_chunk, args.attention_impl, args.remat,
+        save_logits=not args.recompute_logits)
     contenders["jax fp32 shared"], losses["jax fp32 shared"], _, _ = make_jax_step(
-        model_dir, "float32", shared, args.logps_chunk, args.attention_impl, args.remat, ref)
+        model_dir, "float32", shared, args.logps_chunk, args.attention_impl, args.remat, ref,
+        save_logits=not args.recompute_logits)
     if not args.no_bf16:
         contenders["jax bf16"], losses["jax bf16"], _, _ = make_jax_step(
-            model_dir, "bfloat16", windowed, args.logps_chunk, args.attention_impl, args.remat, ref)
+            model_dir, "bfloat16", windowed, args.logps_chunk, args.attention_impl, args.remat, ref,
+        save_logits=not args.recompute_logits)
     if not args.no_torch:
         contenders["torch fp32"], losses["torch fp32"] = make_torch_step(model_dir, batch)
     # Warm-up (the JAX compile) is timed separately so that it is visible but excluded.
@@ -234,16 +247,21 @@ def main(argv=None) -> None:
 
     flops, n_params = step_flops(cfg, rows, args.seq)
     row_window = windowed["targets"].shape[1]
-    executed = {"jax fp32": step_flops(cfg, rows, args.seq, head_positions=rows * row_window)[0]}
+    from cosa_jax.models.llama import CAUSAL_QUERY_BLOCKS
+    square = (CAUSAL_QUERY_BLOCKS + 1) / (2 * CAUSAL_QUERY_BLOCKS)  # query blocks (llama.causal_attention)
+    executed = {"jax fp32": step_flops(cfg, rows, args.seq, head_positions=rows * row_window,
+                                       attn_fraction=square)[0]}
     executed["jax bf16"] = executed["jax fp32"]
     shared_len, window = shared["input_ids"].shape[1], shared["chosen_targets"].shape[1]
     executed["jax fp32 shared"] = step_flops(cfg, args.pairs, shared_len,
-                                             head_positions=args.pairs * window)[0]
+                                             head_positions=args.pairs * window,
+                                             attn_fraction=square)[0]
     print(f"[train_step] SmolLM2-135M DPO step, {args.pairs} pairs x {args.seq} tokens "
           f"({tokens} tokens, {args.prompt_len}-token prompts, policy + reference), fp32 params, "
           f"median of {args.reps} reps; jax {jax.__version__} ({jax.devices()[0].platform}), "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads); "
-          f"logps_chunk={args.logps_chunk}, attention={args.attention_impl}, remat={args.remat}")
+          f"logps_chunk={args.logps_chunk}, save_logits={not args.recompute_logits}, "
+          f"attention={args.attention_impl}, remat={args.remat}")
     print(f"[train_step] FLOPs/step = tokens*(6N+3A) + tokens*(2N+A) = {flops / 1e9:.1f} GFLOP "
           f"(N = {n_params / 1e6:.1f}M non-embedding + unembedding weights, A = 4*L*heads*head_dim*T); "
           f"executed: two rows per pair {executed['jax fp32'] / 1e9:.1f} GFLOP (unembedding on "

@@ -98,14 +98,15 @@ def test_chunked_matches_full_and_torch(chunk):
     print(f"chunk={chunk} chunked_sequence_logps max abs diff vs torch:", np.abs(seq - ref).max())
 
 
-def test_chunked_gradients_match_torch():
+@pytest.mark.parametrize("save_logits", [False, True])
+def test_chunked_gradients_match_torch(save_logits):
     rng = np.random.default_rng(3)
     hidden = rng.normal(size=(B, T, D)).astype(np.float32)
     unembed = rng.normal(size=(D, V)).astype(np.float32)
     _, labels = _random_batch(3)
 
     def f(h, w):
-        return losses.chunked_sequence_logps(h, w, labels, chunk=8).sum()
+        return losses.chunked_sequence_logps(h, w, labels, chunk=8, save_logits=save_logits).sum()
 
     gh, gw = jax.grad(f, argnums=(0, 1))(jnp.asarray(hidden), jnp.asarray(unembed))
     ht = torch.tensor(hidden, requires_grad=True)
@@ -114,6 +115,41 @@ def test_chunked_gradients_match_torch():
     np.testing.assert_allclose(np.asarray(gh), ht.grad.numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(np.asarray(gw), wt.grad.numpy(), rtol=1e-4, atol=1e-4)
     print("chunked grad max abs diff vs torch:", np.abs(np.asarray(gw) - wt.grad.numpy()).max())
+
+
+@pytest.mark.parametrize("save_logits", [False, True])
+@pytest.mark.parametrize("chunk", [4, 64])
+def test_target_sets_share_a_softmax_values_and_grads_match_torch(chunk, save_logits):
+    """K target sets over one log-softmax (prompt-shared rows), weighted per set and row as the
+    DPO loss weights them: values and both gradients against torch autograd."""
+    rng = np.random.default_rng(6)
+    k = 2
+    hidden = rng.normal(size=(B, T, D)).astype(np.float32)
+    unembed = rng.normal(size=(D, V)).astype(np.float32)
+    targets = rng.integers(0, V, size=(k, B, T)).astype(np.int32)
+    targets[:, :, :5] = -100
+    targets[1, 0, 20:] = -100
+    weight = rng.normal(size=(k, B)).astype(np.float32)
+
+    def f(h, w):
+        logp = losses.chunked_target_logps(h, w, jnp.asarray(targets), chunk=chunk,
+                                           save_logits=save_logits)
+        return (logp.sum(-1) * weight).sum(), logp
+
+    (val, logp), (gh, gw) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(
+        jnp.asarray(hidden), jnp.asarray(unembed))
+    ht = torch.tensor(hidden, requires_grad=True)
+    wt = torch.tensor(unembed, requires_grad=True)
+    logp_t = (ht @ wt).log_softmax(-1)
+    tt = torch.as_tensor(targets, dtype=torch.long)
+    picked = torch.stack([torch.gather(logp_t, 2, tt[i].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+                          * (tt[i] != -100) for i in range(k)])
+    ref = (picked.sum(-1) * torch.as_tensor(weight)).sum()
+    ref.backward()
+    np.testing.assert_allclose(np.asarray(logp), picked.detach().numpy(), rtol=1e-5, atol=1e-4)
+    assert float(val) == pytest.approx(ref.item(), rel=1e-5)
+    np.testing.assert_allclose(np.asarray(gh), ht.grad.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(gw), wt.grad.numpy(), rtol=1e-4, atol=1e-4)
 
 
 def test_sft_loss_matches_torch_cross_entropy():

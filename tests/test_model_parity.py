@@ -123,3 +123,36 @@ def test_smollm2_real_weights_match_hf():
     diff = np.abs(ours - ref)[mask.astype(bool)].max()
     print(f"SmolLM2-135M fp32 max|dlogits| = {diff:.2e} (logit scale {np.abs(ref).max():.1f})")
     assert diff <= 1e-3
+
+
+def test_causal_query_blocks_equal_the_full_square():
+    """Query blocks skip only masked scores: real positions get the full-square result, values
+    and gradients, also with prompt-shared segments (rows whose keys end before the block)."""
+    import jax
+    import jax.numpy as jnp
+    from cosa_jax.models import llama
+    rng = np.random.default_rng(4)
+    b, t, n, k, h = 2, 24, 4, 2, 8
+    q, kk, v = (jnp.asarray(rng.normal(size=(b, t, m, h)).astype(np.float32)) for m in (n, k, k))
+    valid = np.ones((b, t), bool)
+    valid[1, 17:] = False
+    seg = np.zeros((b, t), np.int32)
+    seg[0, 6:15], seg[0, 15:] = 1, 2
+    slot = np.arange(t)
+    mask = ((slot[None, None, :] <= slot[None, :, None]) & valid[:, None, :]
+            & ((seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])))
+    mask = jnp.asarray(mask)
+    probe = jnp.asarray(rng.normal(size=(b, t, n, h)).astype(np.float32) * valid[:, :, None, None])
+    assert t % llama.CAUSAL_QUERY_BLOCKS == 0
+
+    def loss(fn, q, kk, v):
+        return jnp.sum(fn(q, kk, v, mask, "xla") * probe)
+
+    full, blocked = (jax.value_and_grad(lambda *a: loss(fn, *a), argnums=(0, 1, 2))(q, kk, v)
+                     for fn in (llama.attention, llama.causal_attention))
+    out_full = np.asarray(llama.attention(q, kk, v, mask, "xla"))[valid]
+    out_blocked = np.asarray(llama.causal_attention(q, kk, v, mask, "xla"))[valid]
+    np.testing.assert_allclose(out_blocked, out_full, rtol=1e-5, atol=1e-6)
+    assert float(blocked[0]) == pytest.approx(float(full[0]), rel=1e-5)
+    for gb, gf in zip(blocked[1], full[1]):
+        np.testing.assert_allclose(np.asarray(gb), np.asarray(gf), rtol=1e-5, atol=1e-6)

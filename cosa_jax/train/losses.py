@@ -48,6 +48,7 @@ def chunked_target_logps(
     targets_kbt: jax.Array,
     *,
     chunk: int = 128,
+    save_logits: bool = False,
 ) -> jax.Array:
     """log p(targets_kbt[k, b, t] | position t) for K target sets, [K, B, T] fp32, 0 at -100.
 
@@ -58,8 +59,10 @@ def chunked_target_logps(
     Why chunks: with a 128k vocabulary the fp32 logits of a 2x640-token batch alone are ~0.6 GB
     per sequence pair, more than the rest of the activations. We walk over the sequence in
     chunks of `chunk` positions; each chunk's logits are formed (fp32 accumulation), reduced
-    with logsumexp and dropped. The chunk body is rematerialised so that the backward pass also
-    keeps only one chunk of logits alive instead of saving every chunk's logits for the scan.
+    with logsumexp and dropped. The backward pass (`_target_logps_bwd`) forms one chunk's logits
+    again, unless ``save_logits`` keeps them from the forward: one vocabulary matmul fewer per
+    step for the memory of the fp32 logits (what a PyTorch step holds anyway), worth it for
+    small vocabularies and on CPU.
     """
     if chunk <= 0:
         raise ValueError(f"chunk must be positive, got {chunk}")
@@ -74,25 +77,66 @@ def chunked_target_logps(
     if pad:
         h_btd = jnp.pad(h_btd, ((0, 0), (0, pad), (0, 0)))
         targets_kbt = jnp.pad(targets_kbt, ((0, 0), (0, 0), (0, pad)))
-    # [n_chunks, B, chunk, ...] so lax.map walks over the chunks.
+    # [n_chunks, B, chunk, ...] so the loops walk over the chunks.
     h_nbcd = h_btd.reshape(b, n_chunks, chunk, d).transpose(1, 0, 2, 3)
     tgt_nkbc = targets_kbt.reshape(k, b, n_chunks, chunk).transpose(2, 0, 1, 3)
+    logp_nkbc = _target_logps(h_nbcd, unembed_dv, tgt_nkbc, save_logits)
+    logp_kbt = logp_nkbc.transpose(1, 2, 0, 3).reshape(k, b, n_chunks * chunk)[:, :, :t]
+    return jnp.where(mask_kbt, logp_kbt, 0.0)
 
-    @jax.checkpoint
+
+def _chunk_logits(h_bcd: jax.Array, unembed_dv: jax.Array) -> jax.Array:
+    return jnp.einsum("bcd,dv->bcv", h_bcd, unembed_dv, preferred_element_type=jnp.float32)
+
+
+def _target_logps_fwd(h_nbcd, unembed_dv, tgt_nkbc, save_logits):
     def one_chunk(args):
         h_bcd, tgt_kbc = args
-        logits_bcv = jnp.einsum(
-            "bcd,dv->bcv", h_bcd, unembed_dv, preferred_element_type=jnp.float32
-        )
+        logits_bcv = _chunk_logits(h_bcd, unembed_dv)
         lse_bc = jax.nn.logsumexp(logits_bcv, axis=-1)
         picked_kbc = jax.vmap(
             lambda tgt_bc: jnp.take_along_axis(logits_bcv, tgt_bc[..., None], axis=-1)[..., 0]
         )(tgt_kbc)
-        return picked_kbc - lse_bc
+        return picked_kbc - lse_bc, lse_bc, (logits_bcv if save_logits else None)
 
-    logp_nkbc = jax.lax.map(one_chunk, (h_nbcd, tgt_nkbc))
-    logp_kbt = logp_nkbc.transpose(1, 2, 0, 3).reshape(k, b, n_chunks * chunk)[:, :, :t]
-    return jnp.where(mask_kbt, logp_kbt, 0.0)
+    logp_nkbc, lse_nbc, logits_nbcv = jax.lax.map(one_chunk, (h_nbcd, tgt_nkbc))
+    return logp_nkbc, (h_nbcd, unembed_dv, tgt_nkbc, lse_nbc, logits_nbcv)
+
+
+def _target_logps_bwd(save_logits, res, g_nkbc):
+    """d logp_k / d logits = onehot(target_k) - softmax, so with upstream g_k the logits'
+    cotangent is sum_k g_k onehot_k - (sum_k g_k) softmax, formed one chunk at a time. Written
+    out (not left to autodiff) so that the two matmuls keep the weight in its stored layout:
+    dh = G @ W^T and dW += h^T @ G, the narrow [chunk, d] side transposed."""
+    h_nbcd, unembed_dv, tgt_nkbc, lse_nbc, logits_nbcv = res
+    n, b, c, d = h_nbcd.shape
+    v = unembed_dv.shape[1]
+    cdt = h_nbcd.dtype
+    w_vd = unembed_dv.T
+
+    def one_chunk(dw_dv, args):
+        h_bcd, tgt_kbc, lse_bc, g_kbc, logits_bcv = args
+        if logits_bcv is None:
+            logits_bcv = _chunk_logits(h_bcd, unembed_dv)
+        vocab_v = jnp.arange(v, dtype=tgt_kbc.dtype)
+        hits_bcv = sum(jnp.where(vocab_v == tgt_kbc[i, ..., None], g_kbc[i, ..., None], 0.0)
+                       for i in range(tgt_kbc.shape[0]))
+        probs_bcv = jnp.exp(logits_bcv - lse_bc[..., None])
+        dlogits_mv = (hits_bcv - g_kbc.sum(axis=0)[..., None] * probs_bcv).astype(cdt).reshape(b * c, v)
+        h_dm = h_bcd.reshape(b * c, d).T
+        dh_bcd = jnp.dot(dlogits_mv, w_vd, preferred_element_type=jnp.float32).astype(cdt)
+        dw_dv = dw_dv + jnp.dot(h_dm, dlogits_mv, preferred_element_type=jnp.float32)
+        return dw_dv, dh_bcd.reshape(b, c, d)
+
+    dw_dv, dh_nbcd = jax.lax.scan(one_chunk, jnp.zeros((d, v), jnp.float32),
+                                  (h_nbcd, tgt_nkbc, lse_nbc, g_nkbc, logits_nbcv))
+    return dh_nbcd, dw_dv.astype(unembed_dv.dtype), None
+
+
+# Without a gradient (the reference model) nothing is saved.
+_target_logps = jax.custom_vjp(lambda h, w, tgt, save: _target_logps_fwd(h, w, tgt, False)[0],
+                               nondiff_argnums=(3,))
+_target_logps.defvjp(_target_logps_fwd, _target_logps_bwd)
 
 
 def chunked_token_logps(
@@ -101,6 +145,7 @@ def chunked_token_logps(
     labels_bt: jax.Array,
     *,
     chunk: int = 128,
+    save_logits: bool = False,
 ) -> jax.Array:
     """Same result as `token_logps(hidden @ unembed, labels)`, without a full [B,T,V] tensor.
 
@@ -109,14 +154,16 @@ def chunked_token_logps(
     Returns [B, T-1] fp32, 0 where the shifted label is -100 (see `chunked_target_logps`).
     """
     return chunked_target_logps(hidden_btd[:, :-1], unembed_dv, labels_bt[None, :, 1:],
-                                chunk=chunk)[0]
+                                chunk=chunk, save_logits=save_logits)[0]
 
 
 def chunked_sequence_logps(
-    hidden_btd: jax.Array, unembed_dv: jax.Array, labels_bt: jax.Array, *, chunk: int = 128
+    hidden_btd: jax.Array, unembed_dv: jax.Array, labels_bt: jax.Array, *, chunk: int = 128,
+    save_logits: bool = False,
 ) -> jax.Array:
     """Summed response log-prob per example [B], memory-lean (see `chunked_token_logps`)."""
-    return chunked_token_logps(hidden_btd, unembed_dv, labels_bt, chunk=chunk).sum(axis=-1)
+    return chunked_token_logps(hidden_btd, unembed_dv, labels_bt, chunk=chunk,
+                               save_logits=save_logits).sum(axis=-1)
 
 
 def count_target_tokens(labels_bt: jax.Array) -> jax.Array:

@@ -37,6 +37,7 @@ class LossConfig:
     loss_type: str = "sigmoid"
     precomputed_ref: bool = False     # batch carries ref_chosen_logps / ref_rejected_logps
     logps_chunk: int = 128
+    save_logits: bool = False         # losses.chunked_target_logps: no logits recompute
 
     def __post_init__(self):
         if self.mode not in ("dpo", "sft"):
@@ -54,7 +55,8 @@ def response_window(hidden_btd: jax.Array, start_b: jax.Array, width: int) -> ja
         padded_btd, start_b)
 
 
-def sequence_logps(params: Params, cfg: LlamaConfig, micro: dict, chunk: int) -> jax.Array:
+def sequence_logps(params: Params, cfg: LlamaConfig, micro: dict, chunk: int,
+                   save_logits: bool = False) -> jax.Array:
     """Summed response log-probs [rows] without materialising [rows, T, V] logits: over the
     response windows when the batch has them (``data.collate``), else over all positions."""
     hidden_btd, _ = forward_hidden(params, cfg, micro["input_ids"], micro["attention_mask"],
@@ -62,23 +64,26 @@ def sequence_logps(params: Params, cfg: LlamaConfig, micro: dict, chunk: int) ->
     w_dv = unembed_matrix(params, cfg).astype(hidden_btd.dtype)
     if "targets" in micro:
         window_bwd = response_window(hidden_btd, micro["response_start"], micro["targets"].shape[-1])
-        return losses.chunked_target_logps(window_bwd, w_dv, micro["targets"][None],
-                                           chunk=chunk)[0].sum(axis=-1)
-    return losses.chunked_sequence_logps(hidden_btd, w_dv, micro["labels"], chunk=chunk)
+        return losses.chunked_target_logps(window_bwd, w_dv, micro["targets"][None], chunk=chunk,
+                                           save_logits=save_logits)[0].sum(axis=-1)
+    return losses.chunked_sequence_logps(hidden_btd, w_dv, micro["labels"], chunk=chunk,
+                                         save_logits=save_logits)
 
 
-def pair_logps(params: Params, cfg: LlamaConfig, micro: dict, chunk: int) -> tuple[jax.Array, jax.Array]:
+def pair_logps(params: Params, cfg: LlamaConfig, micro: dict, chunk: int,
+               save_logits: bool = False) -> tuple[jax.Array, jax.Array]:
     """Summed (chosen, rejected) response log-probs [pairs] of a DPO micro-batch in either layout:
     concatenated rows, or one prompt-shared row per pair (``segment_ids`` present)."""
     if "segment_ids" not in micro:
-        return losses.split_pairs(sequence_logps(params, cfg, micro, chunk))
+        return losses.split_pairs(sequence_logps(params, cfg, micro, chunk, save_logits))
     hidden_btd, _ = forward_hidden(params, cfg, micro["input_ids"], micro["attention_mask"],
                                    micro["position_ids"], segment_ids_bt=micro["segment_ids"])
     window_bwd = response_window(hidden_btd, micro["response_start"],
                                  micro["chosen_targets"].shape[-1])
     w_dv = unembed_matrix(params, cfg).astype(hidden_btd.dtype)
     targets_kbw = jnp.stack([micro["chosen_targets"], micro["rejected_targets"]])
-    logp_kbw = losses.chunked_target_logps(window_bwd, w_dv, targets_kbw, chunk=chunk)
+    logp_kbw = losses.chunked_target_logps(window_bwd, w_dv, targets_kbw, chunk=chunk,
+                                           save_logits=save_logits)
     chosen_b, rejected_b = logp_kbw.sum(axis=-1)
     return chosen_b, rejected_b
 
@@ -87,11 +92,11 @@ def loss_and_metrics(params: Params, ref_params: Params | None, micro: dict,
                      cfg: LlamaConfig, loss_cfg: LossConfig):
     """Scalar loss of one micro-batch and its metrics (batch means, TRL names)."""
     if loss_cfg.mode == "sft":
-        logps = sequence_logps(params, cfg, micro, loss_cfg.logps_chunk)
+        logps = sequence_logps(params, cfg, micro, loss_cfg.logps_chunk, loss_cfg.save_logits)
         loss, n_tokens = losses.sft_loss(logps, micro["labels"])
         return loss, {"loss": loss, "logps/chosen": jnp.mean(jax.lax.stop_gradient(logps)),
                       "tokens/target": n_tokens.astype(jnp.float32)}
-    pol_c, pol_r = pair_logps(params, cfg, micro, loss_cfg.logps_chunk)
+    pol_c, pol_r = pair_logps(params, cfg, micro, loss_cfg.logps_chunk, loss_cfg.save_logits)
     if loss_cfg.precomputed_ref:
         ref_c, ref_r = micro["ref_chosen_logps"], micro["ref_rejected_logps"]
     else:

@@ -103,7 +103,8 @@ class Trainer:
                                       label_smoothing=config.dpo.label_smoothing,
                                       loss_type=config.dpo.loss_type,
                                       precomputed_ref=self.mode == "dpo" and config.dpo.precompute_ref,
-                                      logps_chunk=t.logps_chunk)
+                                      logps_chunk=t.logps_chunk,
+                                      save_logits=bool(t.save_logits))
 
     # ------------------------------------------------------------------ setup pieces
     def _check_batch_fits_mesh(self):

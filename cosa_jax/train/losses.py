@@ -89,6 +89,17 @@ def _chunk_logits(h_bcd: jax.Array, unembed_dv: jax.Array) -> jax.Array:
     return jnp.einsum("bcd,dv->bcv", h_bcd, unembed_dv, preferred_element_type=jnp.float32)
 
 
+# With saved logits and a few chunks (a response window), the chunks are unrolled: each
+# chunk's logits get their own buffer instead of a zero-filled [n, b, chunk, V] stack that a
+# loop writes slice by slice. Without saving, a loop bounds the live logits to one chunk (an
+# unrolled recompute let XLA hold them all); many chunks keep one loop body (compile time).
+_UNROLL_CHUNKS = 8
+
+
+def _unrolled(n_chunks: int, save_logits: bool) -> bool:
+    return save_logits and n_chunks <= _UNROLL_CHUNKS
+
+
 def _target_logps_fwd(h_nbcd, unembed_dv, tgt_nkbc, save_logits):
     def one_chunk(args):
         h_bcd, tgt_kbc = args
@@ -99,8 +110,15 @@ def _target_logps_fwd(h_nbcd, unembed_dv, tgt_nkbc, save_logits):
         )(tgt_kbc)
         return picked_kbc - lse_bc, lse_bc, (logits_bcv if save_logits else None)
 
-    logp_nkbc, lse_nbc, logits_nbcv = jax.lax.map(one_chunk, (h_nbcd, tgt_nkbc))
-    return logp_nkbc, (h_nbcd, unembed_dv, tgt_nkbc, lse_nbc, logits_nbcv)
+    n = h_nbcd.shape[0]
+    if not _unrolled(n, save_logits):
+        logp_nkbc, lse_nbc, logits = jax.lax.map(one_chunk, (h_nbcd, tgt_nkbc))
+    else:
+        outs = [one_chunk((h_nbcd[i], tgt_nkbc[i])) for i in range(n)]
+        logp_nkbc = jnp.stack([o[0] for o in outs])
+        lse_nbc = jnp.stack([o[1] for o in outs])
+        logits = tuple(o[2] for o in outs) if save_logits else None
+    return logp_nkbc, (h_nbcd, unembed_dv, tgt_nkbc, lse_nbc, logits)
 
 
 def _target_logps_bwd(save_logits, res, g_nkbc):
@@ -108,7 +126,7 @@ def _target_logps_bwd(save_logits, res, g_nkbc):
     cotangent is sum_k g_k onehot_k - (sum_k g_k) softmax, formed one chunk at a time. Written
     out (not left to autodiff) so that the two matmuls keep the weight in its stored layout:
     dh = G @ W^T and dW += h^T @ G, the narrow [chunk, d] side transposed."""
-    h_nbcd, unembed_dv, tgt_nkbc, lse_nbc, logits_nbcv = res
+    h_nbcd, unembed_dv, tgt_nkbc, lse_nbc, logits = res
     n, b, c, d = h_nbcd.shape
     v = unembed_dv.shape[1]
     cdt = h_nbcd.dtype
@@ -125,11 +143,19 @@ def _target_logps_bwd(save_logits, res, g_nkbc):
         dlogits_mv = (hits_bcv - g_kbc.sum(axis=0)[..., None] * probs_bcv).astype(cdt).reshape(b * c, v)
         h_dm = h_bcd.reshape(b * c, d).T
         dh_bcd = jnp.dot(dlogits_mv, w_vd, preferred_element_type=jnp.float32).astype(cdt)
-        dw_dv = dw_dv + jnp.dot(h_dm, dlogits_mv, preferred_element_type=jnp.float32)
-        return dw_dv, dh_bcd.reshape(b, c, d)
+        dw = jnp.dot(h_dm, dlogits_mv, preferred_element_type=jnp.float32)
+        return (dw if dw_dv is None else dw_dv + dw), dh_bcd.reshape(b, c, d)
 
-    dw_dv, dh_nbcd = jax.lax.scan(one_chunk, jnp.zeros((d, v), jnp.float32),
-                                  (h_nbcd, tgt_nkbc, lse_nbc, g_nkbc, logits_nbcv))
+    if not _unrolled(n, save_logits):
+        dw_dv, dh_nbcd = jax.lax.scan(one_chunk, jnp.zeros((d, v), jnp.float32),
+                                      (h_nbcd, tgt_nkbc, lse_nbc, g_nkbc, logits))
+    else:
+        dw_dv, dh = None, []
+        for i in range(n):
+            dw_dv, dh_bcd = one_chunk(dw_dv, (h_nbcd[i], tgt_nkbc[i], lse_nbc[i], g_nkbc[i],
+                                              None if logits is None else logits[i]))
+            dh.append(dh_bcd)
+        dh_nbcd = jnp.stack(dh)
     return dh_nbcd, dw_dv.astype(unembed_dv.dtype), None
 
 

@@ -127,10 +127,14 @@ def make_train_step(cfg: LlamaConfig, loss_cfg: LossConfig, tx: optax.GradientTr
 
         n_micro = batch["input_ids"].shape[0]
         first = jax.tree.map(lambda x: x[0], batch)
-        metrics_shape = jax.eval_shape(lambda: grad_fn(params, first)[0][1])
-        zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
-                 jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metrics_shape))
-        (grads, metrics), _ = jax.lax.scan(accumulate, zeros, batch)
+        if n_micro == 1:
+            # No fp32 accumulator to zero-fill and add into (two passes over the parameters).
+            (_, metrics), grads = grad_fn(params, first)
+        else:
+            metrics_shape = jax.eval_shape(lambda: grad_fn(params, first)[0][1])
+            zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
+                     jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metrics_shape))
+            (grads, metrics), _ = jax.lax.scan(accumulate, zeros, batch)
         grads = jax.tree.map(lambda g, p: (g / n_micro).astype(p.dtype), grads, params)
         metrics = jax.tree.map(lambda m: m / n_micro, metrics)
         if "tokens/target" in metrics:

@@ -18,6 +18,7 @@ where used; RMSNorm statistics, RoPE tables, attention softmax and logits are fl
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -112,15 +113,37 @@ def attention(q_btnh, k_bskh, v_bskh, mask_bts, impl: str) -> jax.Array:
 CAUSAL_QUERY_BLOCKS = 4
 
 
+def grouped_attention(q_btnh, k_bskh, v_bskh, mask_bts) -> jax.Array:
+    """The 'xla' attention of training passes, laid out for the matmul: the g query heads that
+    share a kv head stack into one [g*t, h] operand per (batch, kv head), so scores and their
+    gradients stay [.., g*t, s] row-major and only the narrow q/k/v/out tensors get transposed.
+    (jax.nn.dot_product_attention's [b, k, g, t, s] einsums made XLA:CPU copy the score-sized
+    tensors around every batched dot: 50 -> 33 ms a layer's attention forward+backward.)"""
+    b, t, n, hd = q_btnh.shape
+    s, kv = k_bskh.shape[1], k_bskh.shape[2]
+    g = n // kv
+    q_bkmh = q_btnh.reshape(b, t, kv, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, hd)
+    scores_bkms = jnp.matmul(q_bkmh, k_bskh.transpose(0, 2, 3, 1),
+                             preferred_element_type=jnp.float32) / math.sqrt(hd)
+    mask_bkms = jnp.broadcast_to(mask_bts[:, None, None], (b, 1, g, t, s)).reshape(b, 1, g * t, s)
+    scores_bkms = jnp.where(mask_bkms, scores_bkms, jnp.finfo(jnp.float32).min)
+    probs_bkms = jax.nn.softmax(scores_bkms, axis=-1).astype(v_bskh.dtype)
+    out_bkmh = jnp.matmul(probs_bkms, v_bskh.transpose(0, 2, 1, 3))
+    return out_bkmh.reshape(b, kv, g, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, n, hd)
+
+
 def causal_attention(q_btnh, k_bskh, v_bskh, mask_bts, impl: str) -> jax.Array:
     """``attention`` for s == t key slots in query order (no cache), by query blocks."""
     t = q_btnh.shape[1]
     blocks = CAUSAL_QUERY_BLOCKS
-    if impl == "cudnn" or k_bskh.shape[1] != t or t % blocks or t < 2 * blocks:
+    if impl == "cudnn" or k_bskh.shape[1] != t:
         return attention(q_btnh, k_bskh, v_bskh, mask_bts, impl)
+    one = grouped_attention if impl == "xla" else functools.partial(attention, impl=impl)
+    if t % blocks or t < 2 * blocks:
+        return one(q_btnh, k_bskh, v_bskh, mask_bts)
     tq = t // blocks
-    outs = [attention(q_btnh[:, i * tq:(i + 1) * tq], k_bskh[:, :(i + 1) * tq],
-                      v_bskh[:, :(i + 1) * tq], mask_bts[:, i * tq:(i + 1) * tq, :(i + 1) * tq], impl)
+    outs = [one(q_btnh[:, i * tq:(i + 1) * tq], k_bskh[:, :(i + 1) * tq],
+                v_bskh[:, :(i + 1) * tq], mask_bts[:, i * tq:(i + 1) * tq, :(i + 1) * tq])
             for i in range(blocks)]
     return jnp.concatenate(outs, axis=1)
 

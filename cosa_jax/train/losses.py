@@ -125,7 +125,8 @@ def _target_logps_bwd(save_logits, res, g_nkbc):
     """d logp_k / d logits = onehot(target_k) - softmax, so with upstream g_k the logits'
     cotangent is sum_k g_k onehot_k - (sum_k g_k) softmax, formed one chunk at a time. Written
     out (not left to autodiff) so that the two matmuls keep the weight in its stored layout:
-    dh = G @ W^T and dW += h^T @ G, the narrow [chunk, d] side transposed."""
+    dh = G @ W^T and dW += h^T @ G, the [V, d] matrix never copied per chunk (XLA may still
+    fold the narrow h^T into the dot), and so that saved logits can replace the recompute."""
     h_nbcd, unembed_dv, tgt_nkbc, lse_nbc, logits = res
     n, b, c, d = h_nbcd.shape
     v = unembed_dv.shape[1]

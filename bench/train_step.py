@@ -221,16 +221,15 @@ def main(argv=None) -> None:
     windowed = td.add_response_windows(batch, window_multiple=64)  # as data.collate gives it
     shared = shared_batch(batch, args.pairs, args.prompt_len)
     contenders, losses = {}, {}
-    contenders["jax fp32"], losses["jax fp32"], cfg, ref = make_jax_step(
-        model_dir, "float32", windowed, args.logps_chunk, args.attention_impl, args.remat,
-        save_logits=not args.recompute_logits)
-    contenders["jax fp32 shared"], losses["jax fp32 shared"], _, _ = make_jax_step(
-        model_dir, "float32", shared, args.logps_chunk, args.attention_impl, args.remat, ref,
-        save_logits=not args.recompute_logits)
+    def jax_step(compute_dtype, rows_batch, ref_params=None):
+        return make_jax_step(model_dir, compute_dtype, rows_batch, args.logps_chunk,
+                             args.attention_impl, args.remat, ref_params,
+                             save_logits=not args.recompute_logits)
+
+    contenders["jax fp32"], losses["jax fp32"], cfg, ref = jax_step("float32", windowed)
+    contenders["jax fp32 shared"], losses["jax fp32 shared"], _, _ = jax_step("float32", shared, ref)
     if not args.no_bf16:
-        contenders["jax bf16"], losses["jax bf16"], _, _ = make_jax_step(
-            model_dir, "bfloat16", windowed, args.logps_chunk, args.attention_impl, args.remat, ref,
-        save_logits=not args.recompute_logits)
+        contenders["jax bf16"], losses["jax bf16"], _, _ = jax_step("bfloat16", windowed, ref)
     if not args.no_torch:
         contenders["torch fp32"], losses["torch fp32"] = make_torch_step(model_dir, batch)
     # Warm-up (the JAX compile) is timed separately so that it is visible but excluded.

@@ -117,16 +117,27 @@ def test_chunked_gradients_match_torch(save_logits):
     print("chunked grad max abs diff vs torch:", np.abs(np.asarray(gw) - wt.grad.numpy()).max())
 
 
+@pytest.mark.parametrize("vocab", [8192, 6006, 4099, 700])
+def test_vocab_logsumexp_matches_torch(vocab):
+    """Blocked (4096, 3003) and whole-row (prime 4099, small 700) reductions alike."""
+    x = np.random.default_rng(7).normal(0, 4, size=(3, 5, vocab)).astype(np.float32)
+    ours = np.asarray(losses.vocab_logsumexp(jnp.asarray(x)))
+    ref = torch.logsumexp(torch.as_tensor(x, dtype=torch.float64), -1).numpy()
+    np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-5)
+    assert {8192: 4096, 6006: 3003, 4099: None, 700: None}[vocab] == losses._vocab_block(vocab)
+
+
 @pytest.mark.parametrize("save_logits", [False, True])
-@pytest.mark.parametrize("chunk", [4, 64])
-def test_target_sets_share_a_softmax_values_and_grads_match_torch(chunk, save_logits):
+@pytest.mark.parametrize("chunk,vocab", [(4, V), (64, V), (16, 3072)])
+def test_target_sets_share_a_softmax_values_and_grads_match_torch(chunk, vocab, save_logits):
     """K target sets over one log-softmax (prompt-shared rows), weighted per set and row as the
-    DPO loss weights them: values and both gradients against torch autograd."""
+    DPO loss weights them: values and both gradients against torch autograd. A 3072 vocabulary
+    takes the blocked logsumexp."""
     rng = np.random.default_rng(6)
     k = 2
     hidden = rng.normal(size=(B, T, D)).astype(np.float32)
-    unembed = rng.normal(size=(D, V)).astype(np.float32)
-    targets = rng.integers(0, V, size=(k, B, T)).astype(np.int32)
+    unembed = rng.normal(size=(D, vocab)).astype(np.float32)
+    targets = rng.integers(0, vocab, size=(k, B, T)).astype(np.int32)
     targets[:, :, :5] = -100
     targets[1, 0, 20:] = -100
     weight = rng.normal(size=(k, B)).astype(np.float32)

@@ -88,6 +88,25 @@ def chunked_target_logps(
     return jnp.where(mask_kbt, logp_kbt, 0.0)
 
 
+def _vocab_block(v: int) -> int | None:
+    """Largest divisor of v in [512, 4096], or None (then the row is reduced whole)."""
+    return next((blk for blk in range(min(v // 2, 4096), 511, -1) if v % blk == 0), None)
+
+
+def vocab_logsumexp(logits_xv: jax.Array) -> jax.Array:
+    """logsumexp over the last (vocabulary) axis, as a logsumexp of per-block logsumexps.
+
+    Same value up to rounding. Why: XLA:CPU's YNNPACK reduction summed exp over a 49152-wide
+    row 5-7x slower than over 12 rows of 4096 (768 x 49152 fp32 on a 2-core VM: 140-160 ms
+    against 21 ms); on accelerators the reshape is free.
+    """
+    blk = _vocab_block(logits_xv.shape[-1])
+    if blk is None:
+        return jax.nn.logsumexp(logits_xv, axis=-1)
+    blocks = logits_xv.reshape(*logits_xv.shape[:-1], logits_xv.shape[-1] // blk, blk)
+    return jax.nn.logsumexp(jax.nn.logsumexp(blocks, axis=-1), axis=-1)
+
+
 def _chunk_logits(h_bcd: jax.Array, unembed_dv: jax.Array) -> jax.Array:
     return jnp.einsum("bcd,dv->bcv", h_bcd, unembed_dv, preferred_element_type=jnp.float32)
 
@@ -96,7 +115,7 @@ def _target_logps_fwd(h_nbcd, unembed_dv, tgt_nkbc, save_logits):
     def one_chunk(args):
         h_bcd, tgt_kbc = args
         logits_bcv = _chunk_logits(h_bcd, unembed_dv)
-        lse_bc = jax.nn.logsumexp(logits_bcv, axis=-1)
+        lse_bc = vocab_logsumexp(logits_bcv)
         picked_kbc = jax.vmap(
             lambda tgt_bc: jnp.take_along_axis(logits_bcv, tgt_bc[..., None], axis=-1)[..., 0]
         )(tgt_kbc)

@@ -260,7 +260,11 @@ def main(argv=None) -> None:
           f"median of {args.reps} reps; jax {jax.__version__} ({jax.devices()[0].platform}), "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads); "
           f"logps_chunk={args.logps_chunk}, save_logits={not args.recompute_logits}, "
-          f"attention={args.attention_impl}, remat={args.remat}")
+          f"attention={args.attention_impl}, remat={args.remat}; "
+          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}")
+    if "glibc.malloc.hugetlb" not in os.environ.get("GLIBC_TUNABLES", ""):
+        print("[train_step] note: without GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (set by `make bench`) "
+              "both contenders' large buffers fault in 4 KiB pages; the JAX step loses ~12%")
     print(f"[train_step] FLOPs/step = tokens*(6N+3A) + tokens*(2N+A) = {flops / 1e9:.1f} GFLOP "
           f"(N = {n_params / 1e6:.1f}M non-embedding + unembedding weights, A = 4*L*heads*head_dim*T); "
           f"executed: two rows per pair {executed['jax fp32'] / 1e9:.1f} GFLOP (unembedding on "

@@ -191,7 +191,7 @@ def main(argv=None) -> None:
     p.add_argument("--pairs", type=int, default=2)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=5)
     p.add_argument("--logps-chunk", type=int, default=128, help="LossConfig.logps_chunk of our step")
     p.add_argument("--attention-impl", default="xla", choices=["xla", "reference"])
     p.add_argument("--remat", default="none")

@@ -58,8 +58,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.rmsprop_eps = 1e-8
     c.train.weight_decay = 0.0
     c.train.logps_chunk = 128
-    c.train.save_logits = False                        # keep chunk logits for the backward: one
-                                                       # vocab matmul less, fp32 logits held
+    c.train.save_logits = False                        # keep the window logits for the backward:
+                                                       # one vocab matmul less, fp32 logits of the
+                                                       # whole window held (no logps_chunk then)
     c.train.log_every = 1
     c.train.eval_every = 0                             # optimiser steps; 0 = only at the end
     c.train.shuffle = True

@@ -140,7 +140,7 @@ def _target_logps_bwd(save_logits, res, g_nkbc):
     tied embedding wants dW^T, and XLA folds that transpose into the dot as G^T @ h (Eigen,
     about 100 GFLOP/s there), which beat every explicit layout tried."""
     h_nbcd, unembed_dv, tgt_nkbc, lse_nbc, logits = res
-    n, b, c, d = h_nbcd.shape
+    _, b, c, d = h_nbcd.shape
     v = unembed_dv.shape[1]
     cdt = h_nbcd.dtype
     w_vd = unembed_dv.T

@@ -141,14 +141,20 @@ def make_train_step(cfg: LlamaConfig, loss_cfg: LossConfig, tx: optax.GradientTr
             metrics["tokens/target"] = metrics["tokens/target"] * n_micro
 
         grad_norm = optax.tree.norm(grads)
-        updates, new_opt = tx.update(grads, state["opt_state"], params)
-        new_params = optax.apply_updates(params, updates)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+        def update(params, opt_state):
+            updates, new_opt = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), new_opt
+
+        # A branch rather than where(finite, new, old): the select made XLA copy every
+        # parameter and optimiser moment and compute the update twice per leaf.
+        new_params, new_opt = jax.lax.cond(finite, update, lambda p, o: (p, o),
+                                           params, state["opt_state"])
         new_state = {
             "step": state["step"] + finite.astype(jnp.int32),
-            "params": keep(new_params, params),
-            "opt_state": keep(new_opt, state["opt_state"]),
+            "params": new_params,
+            "opt_state": new_opt,
             "rng": state["rng"],
         }
         metrics["grad_norm"] = grad_norm

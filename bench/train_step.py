@@ -297,11 +297,13 @@ def main(argv=None) -> None:
         verdict = "met" if value >= 0.70 else "NOT met"
         print(f"[train_step] mfu_vs_measured_peak ({name}, executed FLOPs): {value:.1%}  "
               f"(target >= 70%: {verdict})")
-    adjacent = [(executed["jax fp32"] / t) / (probe_flops / tp)
-                for t, tp in zip(times["jax fp32"], probe_times)]
-    print(f"[train_step] mfu_vs_adjacent_matmul (jax fp32): {common.median(adjacent):.1%}  (per rep "
-          f"{[f'{x:.0%}' for x in adjacent]}; matmul at "
-          f"{[round(probe_flops / tp / 1e9) for tp in probe_times]} GFLOP/s)")
+    for name in ("jax fp32", "jax fp32 shared"):
+        adjacent = [(executed[name] / t) / (probe_flops / tp)
+                    for t, tp in zip(times[name], probe_times)]
+        print(f"[train_step] mfu_vs_adjacent_matmul ({name}, executed FLOPs): "
+              f"{common.median(adjacent):.1%}  (per rep {[f'{x:.0%}' for x in adjacent]})")
+    print(f"[train_step] adjacent matmul per rep: "
+          f"{[round(probe_flops / tp / 1e9) for tp in probe_times]} GFLOP/s")
     if "torch fp32" in times:
         adjacent_t = [(flops / t) / (probe_flops / tp) for t, tp in zip(times["torch fp32"], probe_times)]
         print(f"[train_step] mfu_vs_adjacent_matmul (torch fp32): {common.median(adjacent_t):.1%}")

@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # 4 KiB pages a CPU train step spent ~12% of its time in page faults (README, "CPU runs").
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench bench-gpu clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,10 @@ bench: setup
 	@for f in bench/forward.py bench/train_step.py bench/generate.py bench/synth_throughput.py; do echo "== $$f"; $(VPY) $$f || exit 1; done
 	@echo "== bench/train_step.py --prompt-len 204 (CoSAlign proportions: 512-token prompts of 640)"
 	@$(VPY) bench/train_step.py --prompt-len 204 --no-bf16
+
+# The 8B-shaped DPO step's MFU on an accelerator (needs a CUDA or TPU jaxlib in the venv).
+bench-gpu: setup
+	$(VPY) bench/train_step_8b.py
 
 clean:
 	rm -rf $(VENV) .cache runs outputs

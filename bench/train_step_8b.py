@@ -1,0 +1,156 @@
+"""MFU of an 8B-shaped DPO step on an accelerator (issue target: >= 45% on a lent GPU).
+
+The step is ours (``cosa_jax.train.step.make_train_step`` under the trainer's sharded ``jax.jit``
+with the state donated) at the shapes of the 8B DPO recipe (configs/cosalign_llama31_8b_dpo.py):
+Llama-3.1-8B layers and vocabulary, bf16 compute, prompt-shared rows of a 512-token prompt and
+two 128-token responses, 2 pairs per device, saved window logits, the frozen reference in the
+step. Weights are random (MFU does not depend on their values).
+
+One H100 does not hold the full model with fp32 master weights, RMSprop moments, gradients and
+a reference copy (~100 GB), so ``--layers`` keeps fewer of the 32 identical layers (default
+8): per-layer shapes, and so the matmul efficiency, stay those of the 8B model; the vocabulary
+head is whole. With all devices on the fsdp axis, 4 GPUs run ``--layers 32``.
+
+The peer is the device itself: a bf16 ``jnp.dot`` of ``--peak-n``^3 timed in the same run
+(``mfu_vs_measured_peak``), and the vendor's dense bf16 peak where the device kind is known.
+FLOPs are counted as in bench/train_step.py (executed: unembedding on the response windows,
+attention on the 10/16 of the square that the causal query blocks form; no recomputation).
+On CPU it refuses unless ``--tiny`` (shrunk dimensions: a smoke test of this script).
+Run: ``python bench/train_step_8b.py`` on the GPU machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402  (sets the cache / offline environment first)
+from train_step import step_flops  # noqa: E402
+
+# Dense bf16 peak FLOP/s by device kind (vendor datasheets, SXM parts, no sparsity).
+VENDOR_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
+
+LLAMA31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+                  num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500_000.0)
+TINY = dict(vocab_size=2048, hidden_size=128, intermediate_size=448, num_layers=32,
+            num_heads=4, num_kv_heads=2, head_dim=32, rope_theta=500_000.0)
+
+
+def vendor_peak(device) -> float | None:
+    kind = getattr(device, "device_kind", "")
+    return next((v for k, v in VENDOR_BF16_PEAK.items() if k in kind), None)
+
+
+def shared_rows(pairs: int, prompt: int, response: int, vocab: int, seed: int = 0):
+    """Prompt-shared DPO rows (``data.collate_prompt_shared``) of random tokens."""
+    import numpy as np
+
+    from cosa_jax.train import data as td
+    rng = np.random.default_rng(seed)
+    examples = [td.TokenizedExample(tuple(rng.integers(3, vocab, prompt).tolist()),
+                                    tuple(tuple(rng.integers(3, vocab, response).tolist())
+                                          for _ in range(2)), False)
+                for _ in range(pairs)]
+    return td.collate_prompt_shared(examples, pad_id=0, pad_multiple=64)
+
+
+def bf16_peak(n: int, reps: int) -> float:
+    """Best bf16 FLOP/s of an n^3 jitted ``jnp.dot`` on the default device."""
+    import jax
+    import jax.numpy as jnp
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+    dot = jax.jit(jnp.dot)
+    dot(a, b).block_until_ready()
+    return 2 * n ** 3 / min(common.time_reps(lambda: dot(a, b).block_until_ready(), reps=reps))
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--layers", type=int, default=8, help="of the 32 8B layers (memory)")
+    p.add_argument("--pairs-per-device", type=int, default=2)
+    p.add_argument("--prompt", type=int, default=512)
+    p.add_argument("--response", type=int, default=128)
+    p.add_argument("--remat", default="none", help="LlamaConfig.remat: none | dots | full")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--peak-n", type=int, default=8192)
+    p.add_argument("--tiny", action="store_true", help="shrunk dimensions (CPU smoke test)")
+    args = p.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+
+    from cosa_jax import sharding as shd
+    from cosa_jax.models.config import LlamaConfig
+    from cosa_jax.models.llama import CAUSAL_QUERY_BLOCKS, init_params
+    from cosa_jax.train import optim
+    from cosa_jax.train import step as ts
+
+    platform = jax.devices()[0].platform
+    if platform == "cpu" and not args.tiny:
+        raise SystemExit("train_step_8b: no accelerator here; the 8B-shaped step is for a GPU or "
+                         "TPU (use --tiny for a CPU smoke test of this script)")
+    dims = dict(TINY if args.tiny else LLAMA31_8B, num_layers=args.layers)
+    cfg = LlamaConfig(**dims, param_dtype="float32", compute_dtype="bfloat16", remat=args.remat)
+    mesh = shd.make_mesh()
+    n_dev = mesh.devices.size
+    pairs = args.pairs_per_device * n_dev
+    batch = shared_rows(pairs, args.prompt, args.response, cfg.vocab_size)
+
+    tx = optim.make_optimizer(1e-6, 0, clip_norm=10.0)
+    loss_cfg = ts.LossConfig(mode="dpo", beta=0.1, save_logits=True)
+    params_shape = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    state_shape = jax.eval_shape(lambda p: ts.init_state(p, tx, 0), params_shape)
+    state_sh = ts.state_shardings(state_shape, tx, mesh)
+    state = jax.jit(lambda: ts.init_state(init_params(cfg, jax.random.key(0)), tx, 0),
+                    out_shardings=state_sh)()
+    ref_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p),
+                         out_shardings=state_sh["params"])(state["params"])
+    micro = ts.to_micro_batches(batch, 1, "dpo")
+    step = ts.jit_train_step(ts.make_train_step(cfg, loss_cfg, tx), mesh, state_sh, micro, True)
+    micro = {k: jax.device_put(v, ts.batch_sharding_for(k, v.ndim, mesh)) for k, v in micro.items()}
+    holder = {"state": state}
+    losses = []
+
+    def run():
+        holder["state"], metrics = step(holder["state"], ref_params, micro)
+        losses.append(float(jax.block_until_ready(metrics["loss"])))
+
+    t0 = time.perf_counter()
+    run()
+    warm = time.perf_counter() - t0
+    times = common.time_reps(run, reps=args.reps, warmup=0)
+    peak_n = min(args.peak_n, 1024) if args.tiny else args.peak_n
+    peak_dev = bf16_peak(peak_n, reps=3)
+
+    row_len, window = batch["input_ids"].shape[1], batch["chosen_targets"].shape[1]
+    square = (CAUSAL_QUERY_BLOCKS + 1) / (2 * CAUSAL_QUERY_BLOCKS)
+    flops, n_params = step_flops(cfg, pairs, row_len, head_positions=pairs * window,
+                                 attn_fraction=square)
+    med = common.median(times)
+    achieved_dev = flops / med / n_dev
+    print(f"[train_step_8b] {'TINY ' if args.tiny else ''}Llama-3.1-8B-shaped DPO step: "
+          f"{cfg.num_layers} layers (d={cfg.hidden_size}, ffn={cfg.intermediate_size}, "
+          f"V={cfg.vocab_size}), {pairs} prompt-shared rows of {row_len} tokens ({args.prompt}-token "
+          f"prompt + 2 x {args.response}), window {window}, bf16 compute, fp32 master, remat="
+          f"{args.remat}; {n_dev} x {jax.devices()[0].device_kind}; jax {jax.__version__}")
+    print(f"[train_step_8b] executed FLOPs/step {flops / 1e12:.2f} TFLOP; step median "
+          f"{med:.3f} s (reps {[round(t, 3) for t in times]}, compile+first {warm:.1f} s); "
+          f"{achieved_dev / 1e12:.1f} TFLOP/s per device")
+    mfu = achieved_dev / peak_dev
+    print(f"[train_step_8b] measured bf16 matmul peak ({peak_n}^3 jnp.dot): "
+          f"{peak_dev / 1e12:.1f} TFLOP/s; mfu_vs_measured_peak: {mfu:.1%}  "
+          f"(target >= 45%: {'met' if mfu >= 0.45 else 'NOT met'})")
+    vendor = vendor_peak(jax.devices()[0])
+    if vendor:
+        print(f"[train_step_8b] mfu_vs_vendor_peak ({vendor / 1e12:.0f} TFLOP/s dense bf16): "
+              f"{achieved_dev / vendor:.1%}")
+    print(f"[train_step_8b] losses: {[round(x, 5) for x in losses]}")
+    return {"mfu": mfu, "losses": losses, "step_s": med}
+
+
+if __name__ == "__main__":
+    main()

@@ -128,7 +128,7 @@ def main(argv=None) -> dict:
 
     row_len, window = batch["input_ids"].shape[1], batch["chosen_targets"].shape[1]
     square = (CAUSAL_QUERY_BLOCKS + 1) / (2 * CAUSAL_QUERY_BLOCKS)
-    flops, n_params = step_flops(cfg, pairs, row_len, head_positions=pairs * window,
+    flops, _ = step_flops(cfg, pairs, row_len, head_positions=pairs * window,
                                  attn_fraction=square)
     med = common.median(times)
     achieved_dev = flops / med / n_dev

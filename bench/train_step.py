@@ -95,12 +95,12 @@ def shared_batch(batch, pairs: int, prompt_len: int):
     return td.collate_prompt_shared(examples, pad_id=0, pad_multiple=64)
 
 
-def matmul_probe(n: int = 2048, calls: int = 3):
-    """A callable doing ``calls`` jitted fp32 n^3 ``jnp.dot``s, and the FLOPs it performs."""
+def matmul_probe(n: int = 2048, calls: int = 3, dtype: str = "float32"):
+    """A callable doing ``calls`` jitted n^3 ``jnp.dot``s in ``dtype``, and the FLOPs it performs."""
     import jax
     import jax.numpy as jnp
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
     dot = jax.jit(jnp.dot)
     dot(a, b).block_until_ready()
 
@@ -111,9 +111,9 @@ def matmul_probe(n: int = 2048, calls: int = 3):
     return run, 2 * n ** 3 * calls
 
 
-def matmul_peak(reps: int = 5) -> float:
-    """Best fp32 FLOP/s of the matmul probe."""
-    run, flops = matmul_probe(calls=1)
+def matmul_peak(reps: int = 5, n: int = 2048, dtype: str = "float32") -> float:
+    """Best FLOP/s of the matmul probe (one n^3 product a rep)."""
+    run, flops = matmul_probe(n, calls=1, dtype=dtype)
     return flops / min(common.time_reps(run, reps=reps))
 
 

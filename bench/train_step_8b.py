@@ -28,7 +28,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402  (sets the cache / offline environment first)
-from train_step import step_flops  # noqa: E402
+from train_step import dpo_batch, matmul_peak, shared_batch, step_flops  # noqa: E402
 
 # Dense bf16 peak FLOP/s by device kind (vendor datasheets, SXM parts, no sparsity).
 VENDOR_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
@@ -42,30 +42,6 @@ TINY = dict(vocab_size=2048, hidden_size=128, intermediate_size=448, num_layers=
 def vendor_peak(device) -> float | None:
     kind = getattr(device, "device_kind", "")
     return next((v for k, v in VENDOR_BF16_PEAK.items() if k in kind), None)
-
-
-def shared_rows(pairs: int, prompt: int, response: int, vocab: int, seed: int = 0):
-    """Prompt-shared DPO rows (``data.collate_prompt_shared``) of random tokens."""
-    import numpy as np
-
-    from cosa_jax.train import data as td
-    rng = np.random.default_rng(seed)
-    examples = [td.TokenizedExample(tuple(rng.integers(3, vocab, prompt).tolist()),
-                                    tuple(tuple(rng.integers(3, vocab, response).tolist())
-                                          for _ in range(2)), False)
-                for _ in range(pairs)]
-    return td.collate_prompt_shared(examples, pad_id=0, pad_multiple=64)
-
-
-def bf16_peak(n: int, reps: int) -> float:
-    """Best bf16 FLOP/s of an n^3 jitted ``jnp.dot`` on the default device."""
-    import jax
-    import jax.numpy as jnp
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
-    dot = jax.jit(jnp.dot)
-    dot(a, b).block_until_ready()
-    return 2 * n ** 3 / min(common.time_reps(lambda: dot(a, b).block_until_ready(), reps=reps))
 
 
 def main(argv=None) -> dict:
@@ -98,7 +74,9 @@ def main(argv=None) -> dict:
     mesh = shd.make_mesh()
     n_dev = mesh.devices.size
     pairs = args.pairs_per_device * n_dev
-    batch = shared_rows(pairs, args.prompt, args.response, cfg.vocab_size)
+    # Chosen/rejected rows sharing each prompt, then one prompt-shared row per pair.
+    batch = shared_batch(dpo_batch(pairs, args.prompt + args.response, cfg.vocab_size,
+                                   args.prompt), pairs, args.prompt)
 
     tx = optim.make_optimizer(1e-6, 0, clip_norm=10.0)
     loss_cfg = ts.LossConfig(mode="dpo", beta=0.1, save_logits=True)
@@ -124,7 +102,7 @@ def main(argv=None) -> dict:
     warm = time.perf_counter() - t0
     times = common.time_reps(run, reps=args.reps, warmup=0)
     peak_n = min(args.peak_n, 1024) if args.tiny else args.peak_n
-    peak_dev = bf16_peak(peak_n, reps=3)
+    peak_dev = matmul_peak(reps=3, n=peak_n, dtype="bfloat16")
 
     row_len, window = batch["input_ids"].shape[1], batch["chosen_targets"].shape[1]
     square = (CAUSAL_QUERY_BLOCKS + 1) / (2 * CAUSAL_QUERY_BLOCKS)

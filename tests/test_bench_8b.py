@@ -19,6 +19,12 @@ def test_train_step_8b_tiny_runs_a_dpo_step_on_the_mesh(capsys):
     assert math.isclose(out["losses"][0], math.log(2), abs_tol=1e-4)  # first DPO step: ln 2
     assert out["losses"][-1] < out["losses"][0]
     assert 0.0 < out["mfu"] < 5.0 and out["step_s"] > 0
+    # The memory report counts at least each device's shard of the fp32 params, RMSprop
+    # moments and reference copy (12 bytes a parameter over 4 devices).
+    d, f, v, n, k, h = 128, 448, 2048, 4, 2, 32  # train_step_8b.TINY, 2 layers, untied head
+    per_layer = d * n * h + 2 * d * k * h + n * h * d + 3 * d * f + 2 * d
+    n_params = 2 * per_layer + d + 2 * v * d
+    assert 12 * n_params / 4 <= out["peak_gib"] * 2**30 < 2**30
 
 
 def test_train_step_8b_refuses_the_full_shape_on_cpu():

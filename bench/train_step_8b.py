@@ -123,7 +123,7 @@ def main(argv=None) -> dict:
     row_len, window = batch["input_ids"].shape[1], batch["chosen_targets"].shape[1]
     square = (CAUSAL_QUERY_BLOCKS + 1) / (2 * CAUSAL_QUERY_BLOCKS)
     flops, _ = step_flops(cfg, pairs, row_len, head_positions=pairs * window,
-                                 attn_fraction=square)
+                          attn_fraction=square)
     med = common.median(times)
     achieved_dev = flops / med / n_dev
     print(f"[train_step_8b] {'TINY ' if args.tiny else ''}Llama-3.1-8B-shaped DPO step: "

@@ -21,11 +21,8 @@ def test_train_step_8b_tiny_runs_a_dpo_step_on_the_mesh(capsys):
     assert 0.0 < out["mfu"] < 5.0 and out["step_s"] > 0
     # The memory report counts at least each device's shard of the fp32 params, RMSprop
     # moments and reference copy (12 bytes a parameter over 4 devices).
-    dims = train_step_8b.TINY
-    d, f, v = dims["hidden_size"], dims["intermediate_size"], dims["vocab_size"]
-    nh, kh = dims["num_heads"] * dims["head_dim"], dims["num_kv_heads"] * dims["head_dim"]
-    per_layer = 2 * d * nh + 2 * d * kh + 3 * d * f + 2 * d  # q, o; k, v; MLP; two norms
-    n_params = 2 * per_layer + d + 2 * v * d  # 2 layers, final norm, untied embed + head
+    from cosa_jax.models.config import LlamaConfig
+    n_params = LlamaConfig(**dict(train_step_8b.TINY, num_layers=2)).num_params
     assert 12 * n_params / 4 <= out["peak_gib"] * 2**30 < 2**30
 
 

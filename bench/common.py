@@ -33,15 +33,24 @@ def time_reps(fn: Callable[[], object], *, reps: int, warmup: int = 1) -> list[f
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], *, reps: int,
-                     warmup: int = 1) -> dict[str, list[float]]:
+                     warmup: int = 1, lead_in: int = 0) -> dict[str, list[float]]:
     """Like ``time_reps`` for several contenders, alternating them rep by rep so that load from
-    other processes on a shared machine falls on both sides alike."""
+    other processes on a shared machine falls on both sides alike.
+
+    ``lead_in`` untimed calls of a contender run right before each of its timed calls, so that
+    a timed train step follows a step of its own kind, as in a training loop. Why: on a VM with
+    free page reporting (virtio-balloon, as here), memory a process frees and leaves unused
+    for ~2 s is handed back to the host, and faulting it in again costs several times more.
+    Measured on the 2-core VM: a JAX DPO step right after its own step spends 0.5-0.8 s in the
+    kernel, after a PyTorch step or a 6 s pause 5-6 s, and takes 2-3 s longer."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
+            for _ in range(lead_in):
+                fn()
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)

@@ -18,7 +18,11 @@ parameters; JAX runs fp32 compute (the row compared with PyTorch) and bf16 compu
         our step against).
 
 Reps alternate between the contenders (warm-up / compile excluded) so that load from other
-processes on a shared machine falls on all alike; tokens/s uses the median rep.
+processes on a shared machine falls on all alike; tokens/s uses the median rep. Each timed
+step comes right after an untimed step of the same contender (``--lead-in 1``), as steps follow
+each other in training: on a VM that hands freed memory back to the host, a step timed right
+after the other framework's step re-faults its buffers at several times the cost
+(``common.time_interleaved``).
 
 FLOPs per step (stated so the MFU can be checked), with T = 256, tokens = 4 x 256:
   N     = non-embedding weights (q, k, v, o, gate, up, down) + the unembedding d x V matmul
@@ -197,6 +201,8 @@ def main(argv=None) -> None:
     p.add_argument("--remat", default="none")
     p.add_argument("--recompute-logits", action="store_true",
                    help="train.save_logits=False: form the window logits again in the backward")
+    p.add_argument("--lead-in", type=int, default=1,
+                   help="untimed steps of a contender right before each of its timed steps")
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16-compute JAX row")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch step (investigations)")
     args = p.parse_args(argv)
@@ -240,7 +246,7 @@ def main(argv=None) -> None:
         warm[name] = time.perf_counter() - t0
     probe, probe_flops = matmul_probe()
     contenders["matmul"] = probe
-    times = common.time_interleaved(contenders, reps=args.reps, warmup=0)
+    times = common.time_interleaved(contenders, reps=args.reps, warmup=0, lead_in=args.lead_in)
     probe_times = times.pop("matmul")
     peak = max(peak_before, matmul_peak())
 
@@ -257,7 +263,7 @@ def main(argv=None) -> None:
                                              attn_fraction=square)[0]
     print(f"[train_step] SmolLM2-135M DPO step, {args.pairs} pairs x {args.seq} tokens "
           f"({tokens} tokens, {args.prompt_len}-token prompts, policy + reference), fp32 params, "
-          f"median of {args.reps} reps; jax {jax.__version__} ({jax.devices()[0].platform}), "
+          f"median of {args.reps} reps (each after {args.lead_in} untimed step(s) of its own); jax {jax.__version__} ({jax.devices()[0].platform}), "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads); "
           f"logps_chunk={args.logps_chunk}, save_logits={not args.recompute_logits}, "
           f"attention={args.attention_impl}, remat={args.remat}; "

@@ -263,7 +263,8 @@ def main(argv=None) -> None:
                                              attn_fraction=square)[0]
     print(f"[train_step] SmolLM2-135M DPO step, {args.pairs} pairs x {args.seq} tokens "
           f"({tokens} tokens, {args.prompt_len}-token prompts, policy + reference), fp32 params, "
-          f"median of {args.reps} reps (each after {args.lead_in} untimed step(s) of its own); jax {jax.__version__} ({jax.devices()[0].platform}), "
+          f"median of {args.reps} reps (each after {args.lead_in} untimed step(s) of its own); "
+          f"jax {jax.__version__} ({jax.devices()[0].platform}), "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads); "
           f"logps_chunk={args.logps_chunk}, save_logits={not args.recompute_logits}, "
           f"attention={args.attention_impl}, remat={args.remat}; "

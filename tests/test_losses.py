@@ -288,6 +288,6 @@ def _all_eqns(jaxpr):
         yield eqn
         for param in eqn.params.values():
             for sub in param if isinstance(param, (list, tuple)) else [param]:
-                inner = getattr(sub, "jaxpr", None)
-                if inner is not None:
-                    yield from _all_eqns(inner if hasattr(inner, "eqns") else inner.jaxpr)
+                sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
+                if hasattr(sub, "eqns"):
+                    yield from _all_eqns(sub)

@@ -270,8 +270,9 @@ def test_chunked_never_holds_full_logits():
 
 
 def test_chunks_are_evened_out_not_padded():
-    """A 192-position window in chunks of 128 forms its logits as 2 x 96 positions: the
-    vocabulary matmuls see no padding rows (the values are checked against torch above)."""
+    """A 192-position window in chunks of 128 forms its logits as 2 x 96 positions (one
+    [b * 96, v] product a chunk): the vocabulary matmuls see no padding rows (the values are
+    checked against torch above)."""
     b, t, d, v = 2, 192, 16, 101
     h = jax.ShapeDtypeStruct((b, t, d), jnp.float32)
     w = jax.ShapeDtypeStruct((d, v), jnp.float32)
@@ -279,7 +280,7 @@ def test_chunks_are_evened_out_not_padded():
     jaxpr = jax.make_jaxpr(lambda h, w, tgt: losses.chunked_target_logps(h, w, tgt, chunk=128))(h, w, tgt)
     shapes = {tuple(e.outvars[0].aval.shape) for e in _all_eqns(jaxpr.jaxpr)
               if e.primitive.name == "dot_general"}
-    assert shapes == {(b, 96, v)}, shapes
+    assert shapes == {(b * 96, v)}, shapes
 
 
 def _all_eqns(jaxpr):

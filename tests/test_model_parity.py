@@ -97,7 +97,11 @@ def test_remat_and_unrolled_layers_do_not_change_grads(tiny, runtime):
     g0 = jax.grad(loss)(model.params(), cfg)
     g1 = jax.grad(loss)(model.params(), cfg.replace(**runtime))
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+        a, b = np.asarray(a), np.asarray(b)
+        # fp32 reassociation between the two loop forms moves a near-zero entry by a few ulps
+        # of the leaf's largest entry (1.1e-7 against 1.5e-2 seen on an AVX-512 CPU), so the
+        # absolute floor follows the leaf's scale.
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(a).max())
 
 
 def test_bf16_compute_stays_close(tiny):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -54,6 +55,22 @@ def warmup_schedule(
     return lr_at
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """torch's ``clip_grad_norm_``: every gradient times min(1, max_norm / (norm + 1e-6)).
+
+    One scalar factor, so XLA fuses the product into each consumer (the second-moment update and
+    the parameter update) and the clipped gradients are never written out; optax's
+    ``clip_by_global_norm`` divides each element by the norm, and XLA materialised its result
+    (a third pass over the gradients). The 1e-6 is torch's."""
+
+    def update_fn(updates, state, params=None):
+        del params
+        scale = jnp.minimum(1.0, max_norm / (optax.tree.norm(updates) + 1e-6))
+        return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
 def make_optimizer(
     lr: float,
     warmup_steps: int,
@@ -73,7 +90,7 @@ def make_optimizer(
     """
     parts = []
     if clip_norm is not None:
-        parts.append(optax.clip_by_global_norm(clip_norm))
+        parts.append(clip_by_global_norm(clip_norm))
     if weight_decay:
         parts.append(optax.add_decayed_weights(weight_decay))
     parts.append(

@@ -135,7 +135,7 @@ def make_jax_step(model_dir, compute_dtype: str, batch, chunk: int, attention_im
                          attention_impl=attention_impl, remat=remat)
     params = model.params()
     if ref_params is None:
-        ref_params = jax.tree.map(jnp.copy, params)
+        ref_params = ts.reference_params(params, cfg)
     tx = optim.make_optimizer(LR, 0, clip_norm=CLIP)
     loss_cfg = ts.LossConfig(mode="dpo", beta=BETA, logps_chunk=chunk, save_logits=save_logits)
     step = jax.jit(ts.make_train_step(cfg, loss_cfg, tx),

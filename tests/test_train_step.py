@@ -225,3 +225,44 @@ def test_bad_loss_config_is_named():
         ts.LossConfig(mode="ppo")
     with pytest.raises(ValueError, match="dpo.loss_type"):
         ts.LossConfig(loss_type="kto")
+
+
+def test_bf16_compute_shortcuts_keep_the_numbers(tiny):
+    """Two memory/bandwidth shortcuts of mixed precision (fp32 master, bf16 compute) must not
+    change a number: the reference stored in bf16 (``reference_params``) and the layers cast
+    once per step, differentiated as bf16 (``with_compute_layers``). The forward casts every
+    weight to bf16 before use either way, and the cast's VJP only widens the bf16 cotangent."""
+    model, cfg = load_hf(tiny, compute_dtype="bfloat16")
+    params = model.params()
+    micro = jax.tree.map(lambda x: x[0], ts.to_micro_batches(shared_batch(pair_batch(4, seed=3)),
+                                                             1, "dpo"))
+    ref_bf16 = ts.reference_params(params, cfg)
+    assert {x.dtype for x in jax.tree.leaves(ref_bf16)} == {jnp.dtype(jnp.bfloat16)}
+    logps = jax.jit(lambda p: ts.pair_logps(p, cfg, micro, 128))
+    for a, b in zip(logps(params), logps(ref_bf16)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    loss_cfg = ts.LossConfig(mode="dpo")
+    grad = jax.jit(jax.grad(lambda p: ts.loss_and_metrics(p, ref_bf16, micro, cfg, loss_cfg)[0]))
+    g_master = grad(params)
+    g_hoisted = grad(ts.with_compute_layers(params, cfg))
+    assert g_hoisted["layers"]["q_proj"].dtype == jnp.bfloat16
+    assert g_hoisted["embed_tokens"].dtype == jnp.float32
+    # Equal up to bf16 rounding of the layer gradients: on XLA:CPU the master-weight path may
+    # keep the dW products in fp32 (excess precision); the hoisted path rounds them to bf16 as
+    # PyTorch autocast does. Every other leaf is bit-identical.
+    for path, a in jax.tree_util.tree_leaves_with_path(g_master):
+        b = np.asarray(_leaf(g_hoisted, path), np.float32)
+        a = np.asarray(a)
+        if path[0].key == "layers":
+            scale = np.abs(a).max()
+            np.testing.assert_allclose(b, a, rtol=8e-3, atol=1e-2 * scale, err_msg=str(path))
+            assert np.abs(b - a).mean() < 2e-3 * np.abs(a).mean()
+        else:
+            np.testing.assert_array_equal(b, a, err_msg=str(path))
+
+
+def _leaf(tree, path):
+    for key in path:
+        tree = tree[key.key]
+    return tree

@@ -233,7 +233,11 @@ def decoder_layer(x_btd, layer, cfg: LlamaConfig, cos_bth, sin_bth, mask_bts,
         k, v = k.astype(cdt), v.astype(cdt)
     else:
         new_kv = None
-    if cache_kv is None:
+    if cache_kv is None and cfg.attention_impl == "cudnn":
+        # Flash attention saves only its output and log-sum-exp for the backward: nothing to
+        # gain from recomputing its forward.
+        a_btnh = attention(q, k, v, mask_bts, "cudnn")
+    elif cache_kv is None:
         a_btnh = _causal_attention_recomputed(q, k, v, mask_bts, cfg.attention_impl)
     else:
         a_btnh = _attention_recomputed(q, k, v, mask_bts, cfg.attention_impl)

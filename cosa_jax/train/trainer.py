@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -125,7 +124,7 @@ class Trainer:
         self.state_sh = ts.state_shardings(shapes, self.tx, self.mesh)
         self.ref_params = None
         if self.mode == "dpo" and not self.loss_cfg.precomputed_ref:
-            self.ref_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p),
+            self.ref_params = jax.jit(lambda p: ts.reference_params(p, self.mcfg),
                                       out_shardings=self.state_sh["params"])(params)
         elif self.mode == "dpo":
             self._precompute_reference(params)

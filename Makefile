@@ -33,8 +33,8 @@ test-fast: setup
 
 bench: setup
 	@for f in bench/forward.py bench/train_step.py bench/generate.py bench/synth_throughput.py; do echo "== $$f"; $(VPY) $$f || exit 1; done
-	@echo "== bench/train_step.py --prompt-len 204 (CoSAlign proportions: 512-token prompts of 640)"
-	@$(VPY) bench/train_step.py --prompt-len 204 --no-bf16
+	@echo "== bench/train_step.py --prompt-len 64 (short prompts; the default is CoSAlign's 204 of 256)"
+	@$(VPY) bench/train_step.py --prompt-len 64 --no-bf16
 
 # The 8B-shaped DPO step's MFU on an accelerator (needs a CUDA or TPU jaxlib in the venv).
 bench-gpu: setup

@@ -3,8 +3,12 @@
 One step = policy forward + frozen-reference forward on the concatenated chosen/rejected batch,
 summed response log-probs, DPO sigmoid loss (beta 0.1), policy backward, global-norm clipping
 at 10 and an RMSprop update (alpha 0.99, eps 1e-8). Batch: 2 pairs x 256 tokens (4 rows, every
-token real, a 64-token shared prompt masked out of the labels). Real embedded weights, fp32
-parameters; JAX runs fp32 compute (the row compared with PyTorch) and bf16 compute.
+token real, a shared prompt masked out of the labels). The prompt takes 204 of the 256 tokens
+by default, CoSAlign's proportion (the reference truncation keeps 512-token prompts of 640-token
+rows, and a safety config in the system prompt makes prompts long: the shipped mini data's
+median prompt is 72% of its rows); ``--prompt-len 64`` gives the short-prompt shape, also run by
+``make bench``. Real embedded weights, fp32 parameters; JAX runs fp32 compute (the row compared
+with PyTorch) and bf16 compute.
 
   ours: ``cosa_jax.train.step.make_train_step`` under ``jax.jit`` with the state donated, on
         the same concatenated rows as PyTorch ("jax fp32"; like the trainer's batches they carry
@@ -194,7 +198,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pairs", type=int, default=2)
     p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=204, help="of --seq (CoSAlign: 512 of 640)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--logps-chunk", type=int, default=128, help="LossConfig.logps_chunk of our step")
     p.add_argument("--attention-impl", default="xla", choices=["xla", "reference"])

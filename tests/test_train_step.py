@@ -251,9 +251,8 @@ def test_bf16_compute_shortcuts_keep_the_numbers(tiny):
     # Equal up to bf16 rounding of the layer gradients: on XLA:CPU the master-weight path may
     # keep the dW products in fp32 (excess precision); the hoisted path rounds them to bf16 as
     # PyTorch autocast does. Every other leaf is bit-identical.
-    for path, a in jax.tree_util.tree_leaves_with_path(g_master):
-        b = np.asarray(_leaf(g_hoisted, path), np.float32)
-        a = np.asarray(a)
+    def compare(path, a, b):
+        a, b = np.asarray(a), np.asarray(b, np.float32)
         if path[0].key == "layers":
             scale = np.abs(a).max()
             np.testing.assert_allclose(b, a, rtol=8e-3, atol=1e-2 * scale, err_msg=str(path))
@@ -261,8 +260,4 @@ def test_bf16_compute_shortcuts_keep_the_numbers(tiny):
         else:
             np.testing.assert_array_equal(b, a, err_msg=str(path))
 
-
-def _leaf(tree, path):
-    for key in path:
-        tree = tree[key.key]
-    return tree
+    jax.tree_util.tree_map_with_path(compare, g_master, g_hoisted)

@@ -109,19 +109,24 @@ def loss_and_metrics(params: Params, ref_params: Params | None, micro: dict,
     return jnp.mean(per_pair), metrics
 
 
+def _narrowed(tree, cfg: LlamaConfig, keep: Callable = lambda w: w):
+    """Leaves wider than ``cfg.compute_dtype`` cast to it; the others through ``keep``."""
+    cdt = jnp.dtype(cfg.compute_dtype)
+    return jax.tree.map(lambda w: w.astype(cdt) if w.dtype.itemsize > cdt.itemsize else keep(w),
+                        tree)
+
+
 def with_compute_layers(params: Params, cfg: LlamaConfig) -> Params:
     """``params`` with the decoder layers cast to the compute dtype, once per step.
 
     The layer loop would cast each fp32 master weight to bf16 anyway, in the forward and again
-    in the backward, and again for every micro-batch; the gradient with respect to the bf16 copy
-    is the very bf16 cotangent that the cast's VJP would turn into fp32. So the step's numbers
-    do not change, and an 8B-shaped step on a GPU sheds those re-casts (under fsdp the
-    per-layer all-gathers also move bf16). Embedding and head keep their own casts: the
-    embedding's gradient is a scatter-add that must stay fp32."""
-    cdt = jnp.dtype(cfg.compute_dtype)
-    layers = jax.tree.map(lambda w: w.astype(cdt) if w.dtype.itemsize > cdt.itemsize else w,
-                          params["layers"])
-    return {**params, "layers": layers}
+    in the backward, and again for every micro-batch; differentiating with respect to the bf16
+    copy gives the bf16 weight gradients that PyTorch autocast accumulates (XLA may otherwise
+    keep them in fp32 as excess precision: they agree to bf16 rounding, tested), and an
+    8B-shaped step on a GPU sheds those re-casts (under fsdp the per-layer all-gathers also
+    move bf16). Embedding and head keep their own casts: the embedding's gradient is a
+    scatter-add that must stay fp32."""
+    return {**params, "layers": _narrowed(params["layers"], cfg)}
 
 
 def make_train_step(cfg: LlamaConfig, loss_cfg: LossConfig, tx: optax.GradientTransformation,
@@ -190,9 +195,7 @@ def reference_params(params: Params, cfg: LlamaConfig) -> Params:
     copy gives the reference log-probs bit for bit, at half the memory (8B: 16 GB instead of
     32) and without re-casting 8B weights on every micro-batch. Call it under ``jax.jit`` with
     the parameter shardings as ``out_shardings``."""
-    cdt = jnp.dtype(cfg.compute_dtype)
-    return jax.tree.map(lambda p: p.astype(cdt) if p.dtype.itemsize > cdt.itemsize else jnp.copy(p),
-                        params)
+    return _narrowed(params, cfg, keep=jnp.copy)
 
 
 # ------------------------------------------------------------------------- shardings

@@ -25,7 +25,7 @@ def test_cosalign_test_mini_has_the_eight_paper_configs():
         "none", "Violence", "FinCrime+Privacy", "Discrim+Violence", "FinCrime+Discrim+Violence",
         "Drugs", "Sexual", "Violence+Weapons",
     }
-    assert all(n >= 3 for n in counts.values())
+    assert all(n >= 5 for n in counts.values())
     groups = {e.config_id: config_group(e.allowed, SEEN_CATEGORIES) for e in xs}
     assert sorted(c for c, g in groups.items() if g == "unseen") == ["Drugs", "Sexual", "Violence+Weapons"]
     assert {e.prompt_type for e in xs} == {"1", "2", "3"}

@@ -7,7 +7,7 @@ export COSA_JAX_CACHE ?= $(CURDIR)/.cache/cosa_jax
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 # Large buffers on transparent huge pages: XLA:CPU allocates its per-step buffers afresh, and in
-# 4 KiB pages a CPU train step spent ~12% of its time in page faults (README, "CPU runs").
+# 4 KiB pages a CPU train step spends much of its time in page faults (docs/design.md).
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 .PHONY: setup demo test test-fast bench bench-gpu clean

@@ -16,8 +16,7 @@ def get_config():
     c.model.compute_dtype = "bfloat16"
     c.model.attention_impl = "cudnn"     # "xla" on TPU / CPU
     # Unrolled layers: scanned, XLA:GPU copied each layer's weights out of (and residuals into)
-    # the stacked buffers, 37 ms of a 258 ms step; unrolled, the 8B-shaped DPO step ran in 230 ms
-    # on an H200 (bench/train_step_8b.py). Costs a longer compile.
+    # the stacked buffers every step (bench/results/h200_2026-11-30/). Costs a longer compile.
     c.model.scan_layers = False
     c.data.train = "microsoft/CoSAlign-Train"
     c.data.eval = "microsoft/CoSAlign-Train"

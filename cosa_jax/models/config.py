@@ -49,8 +49,8 @@ class LlamaConfig:
     remat: str = "none"
     # One lax.scan over stacked layers (compile time flat in depth) or a Python loop (MaxText's
     # scan_layers=False): unrolled, XLA need not stack per-layer residuals for the backward, at
-    # the cost of a compile that grows with depth. (On the 2-core CPU the unrolled DPO step is
-    # slower: 10.3 s against 9.0 s median, and 50 s to compile and run once against 22 s.)
+    # the cost of a compile that grows with depth. Scanning suits CPU, unrolling XLA:GPU
+    # (docs/design.md, "Scanned or unrolled layers").
     scan_layers: bool = True
 
     def __post_init__(self):

@@ -118,7 +118,7 @@ def grouped_attention(q_btnh, k_bskh, v_bskh, mask_bts) -> jax.Array:
     share a kv head stack into one [g*t, h] operand per (batch, kv head), so scores and their
     gradients stay [.., g*t, s] row-major and only the narrow q/k/v/out tensors get transposed.
     (jax.nn.dot_product_attention's [b, k, g, t, s] einsums made XLA:CPU copy the score-sized
-    tensors around every batched dot: 50 -> 33 ms a layer's attention forward+backward.)"""
+    tensors around every batched dot; docs/design.md.)"""
     b, t, n, hd = q_btnh.shape
     s, kv = k_bskh.shape[1], k_bskh.shape[2]
     g = n // kv
@@ -149,8 +149,8 @@ def causal_attention(q_btnh, k_bskh, v_bskh, mask_bts, impl: str) -> jax.Array:
 
 
 # Backward recomputes the softmax from q and k instead of saving [b, k, g, t, s] probabilities
-# for every layer (the largest activation of a training step; on the 2-core CPU saving them
-# was also slower, 14.2 s against 12.0 s a DPO step); inference is unaffected.
+# for every layer (the largest activation of a training step; on CPU saving them was also
+# slower, docs/design.md); inference is unaffected.
 _attention_recomputed = jax.checkpoint(attention, static_argnums=(4,))
 _causal_attention_recomputed = jax.checkpoint(causal_attention, static_argnums=(4,))
 
@@ -165,7 +165,7 @@ def _write_rows(cache_bs, update_bt, start_b):
 # as dy^T-contracted-with-x on the token axis; XLA:CPU answers by fusing a transpose into the
 # wide elementwise backward (the SwiGLU derivative) and by running that dot outside its fast
 # GEMM path. Stating dW = x^T @ dy (and dWd^T = dy^T @ a) makes it transpose the narrow
-# d-wide activation instead: about 20% off a layer's forward+backward on CPU, same math
+# d-wide activation instead (faster on CPU, docs/design.md), same math
 # everywhere. Remat policies still see the dots (``dots`` saves them, ``full`` recomputes).
 @jax.custom_vjp
 def dense(x_mk: jax.Array, w_kn: jax.Array) -> jax.Array:
@@ -220,8 +220,8 @@ def decoder_layer(x_btd, layer, cfg: LlamaConfig, cos_bth, sin_bth, mask_bts,
     n, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     w = {name: value.astype(cdt) for name, value in layer.items()}
     h_md = rms_norm(x_btd, w["input_norm"], cfg.rms_norm_eps).reshape(b * t, d)
-    # Three products, not one over [d, (n + 2k) h]: the fused one was slower on the 2-core CPU
-    # (21.3 against 19.6 ms a layer's q/k/v forward+backward at 896 tokens).
+    # Three products, not one over [d, (n + 2k) h]: the fused one was no faster on CPU
+    # (docs/design.md).
     q = dense(h_md, w["q_proj"].reshape(d, n * hd)).reshape(b, t, n, hd)
     k = dense(h_md, w["k_proj"].reshape(d, kv * hd)).reshape(b, t, kv, hd)
     v = dense(h_md, w["v_proj"].reshape(d, kv * hd)).reshape(b, t, kv, hd)

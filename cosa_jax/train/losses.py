@@ -99,9 +99,9 @@ def _vocab_block(v: int) -> int | None:
 def vocab_logsumexp(logits_xv: jax.Array) -> jax.Array:
     """logsumexp over the last (vocabulary) axis, as a logsumexp of per-block logsumexps.
 
-    Same value up to rounding. Why: XLA:CPU's YNNPACK reduction summed exp over a 49152-wide
-    row 5-7x slower than over 12 rows of 4096 (768 x 49152 fp32 on a 2-core VM: 140-160 ms
-    against 21 ms); on accelerators the reshape is free.
+    Same value up to rounding. Why: XLA:CPU's YNNPACK reduction is much slower over one
+    vocabulary-wide row than over blocks of a few thousand (docs/design.md); on accelerators
+    the reshape is free.
     """
     blk = _vocab_block(logits_xv.shape[-1])
     if blk is None:
@@ -144,13 +144,10 @@ def _target_logps_bwd(save_logits, res, g_nkbc):
     out (not left to autodiff) so that the two matmuls keep the weight in its stored layout:
     dh = G @ W^T and dW += h^T @ G, the [V, d] matrix never copied per chunk, and so that saved
     logits can replace the recompute. The cotangent keeps the logits' 2-D [b*c, V] layout, so
-    XLA writes it over the saved logits' buffer: with a reshape between them it took a fresh
-    151 MB buffer, and its first touch (page faults) made that fusion 132 ms against 8 (2-core
-    VM, 768 x 49152; step 6.2 -> 6.0 s). h^T is formed behind an optimization barrier: folded
-    into the dot as a transposed operand, XLA:CPU ran dW on Eigen at 63 GFLOP/s against 154
-    for the plain product (2-core VM, 768 x 576 x 49152). That holds for a [d, V] lm_head; a
-    tied embedding wants dW^T, and XLA folds that transpose into the dot as G^T @ h (Eigen,
-    about 100 GFLOP/s there), which beat every explicit layout tried."""
+    XLA writes it over the saved logits' buffer instead of faulting in a fresh one. h^T is
+    formed behind an optimization barrier: folded into the dot as a transposed operand, XLA:CPU
+    ran a [d, V] lm_head's dW on a slow Eigen path. A tied embedding wants dW^T, and XLA's own
+    folding (G^T @ h) beat every explicit layout tried. Figures: docs/design.md."""
     h_nbcd, unembed_dv, tgt_nkbc, lse_nbc, logits = res
     _, b, c, d = h_nbcd.shape
     v = unembed_dv.shape[1]

@@ -94,19 +94,29 @@ def _structure_cached(tokenizer, template: str | None, roles: tuple[str, ...],
     skeleton = [{"role": r, "content": _NEUTRAL} for r in roles]
     ids = _template_ids(tokenizer, skeleton, add_generation_prompt=add_generation_prompt,
                         continue_final=continue_final, date_string=date_string)
-    added = {tid: tok for tok, tid in tokenizer.get_added_vocab().items()}
-    # Control ids: the special tokens, and every added token the template writes (Phi-style
-    # templates write non-special ones), except whitespace tokens that templates write as text.
+    control = control_ids(tokenizer)
+    return control, tuple(i for i in ids if i in control)
+
+
+def control_ids(tokenizer) -> frozenset[int]:
+    """Ids that content must never produce: the special tokens and every other added token.
+
+    Non-special added tokens count too (Phi-style templates write ``<|user|>`` as one, built from
+    pieces), except whitespace tokens (Gemma's newline runs), which templates and users write as
+    ordinary text.
+    """
+    added = tokenizer.get_added_vocab()
     control = set(tokenizer.all_special_ids)
-    control |= {i for i in ids if i in added and not added[i].isspace()}
-    return frozenset(control), tuple(i for i in ids if i in control)
+    control |= {int(i) for tok, i in added.items() if not tok.isspace()}
+    return frozenset(control)
 
 
 def _check_structure(tokenizer, msgs, ids, **flags) -> None:
     """Raise unless `ids` hold exactly the control tokens the template writes around neutral content.
 
-    Independent of how transformers sanitises: a control id that came from content (a tokenizer
-    whose control token is not marked special and that the template builds from pieces) is caught.
+    Independent of how transformers sanitises: a control id that came from content (say a
+    non-special added token that the template builds from pieces, which transformers does not
+    recognise as a control token) is refused instead of reaching the model.
     """
     control, expected = _structure_cached(tokenizer, tokenizer.chat_template,
                                           tuple(m["role"] for m in msgs), flags["add_generation_prompt"],

@@ -112,21 +112,24 @@ def control_ids(tokenizer) -> frozenset[int]:
 
 
 def _check_structure(tokenizer, msgs, ids, **flags) -> None:
-    """Raise unless `ids` hold exactly the control tokens the template writes around neutral content.
+    """Raise unless `ids` hold just the control tokens the template writes around neutral content.
 
     Independent of how transformers sanitises: a control id that came from content (say a
     non-special added token that the template builds from pieces, which transformers does not
     recognise as a control token) is refused instead of reaching the model.
     """
-    control, expected = _structure_cached(tokenizer, tokenizer.chat_template,
-                                          tuple(m["role"] for m in msgs), flags["add_generation_prompt"],
-                                          flags["continue_final"], flags["date_string"])
+    control, expected = _structure_cached(
+        tokenizer, tokenizer.chat_template, tuple(m["role"] for m in msgs),
+        flags["add_generation_prompt"], flags["continue_final"], flags["date_string"])
     got = tuple(i for i in ids if i in control)
     if got != expected:
         at = next((k for k, (a, b) in enumerate(zip(got, expected)) if a != b),
                   min(len(got), len(expected)))
-        extra = got[at] if at < len(got) else None
-        name = tokenizer.convert_ids_to_tokens(extra) if extra is not None else "(missing)"
+        if at >= len(got):
+            raise ControlTokenError(
+                "the chat template writes fewer control tokens for this content than for neutral "
+                "content (it branches on the content); refusing ids it cannot check")
+        name = tokenizer.convert_ids_to_tokens(got[at])
         raise ControlTokenError(
             f"message content encodes to the control token {name!r}, which this tokenizer does "
             "not let us spell as text; list it in the tokenizer's chat_control_tokens "
@@ -150,7 +153,8 @@ def _normalised(msgs: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
 
 
 def encode_messages(tokenizer, messages: Sequence[Mapping[str, Any]], *,
-                    add_generation_prompt: bool = True, date_string: str = PINNED_DATE) -> list[int]:
+                    add_generation_prompt: bool = True,
+                    date_string: str = PINNED_DATE) -> list[int]:
     """Token ids of a chat: the template's markers as control tokens, all content as text.
 
     `messages` are {role, content} with content a string or OpenAI text parts. With

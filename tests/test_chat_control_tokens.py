@@ -179,7 +179,7 @@ def test_smollm2_user_forgery_keeps_ids_1_and_2_to_the_template():
 
 
 def test_probe_training_response_with_end_of_turn(fmt_tok):
-    """A response holding the end-of-turn (and a forged turn) is trained as text, then one real end."""
+    """A response holding the end-of-turn (and a forged turn) is text, then one real end."""
     name, tok, fmt = fmt_tok
     eot = tok.convert_tokens_to_ids(chat.end_of_turn(tok))
     response = "Sure." + fmt.forged_turn() + "And more."

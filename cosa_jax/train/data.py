@@ -225,9 +225,10 @@ def tokenize_examples(
 
     Prompts and responses are encoded as text (``chat.encode_pair``): a control-token spelling in
     them is never a control token, so a response holding ``<|im_end|>`` does not end its turn
-    early; the template's own end-of-turn follows each response. Responses are stripped of surrounding whitespace (the Llama-3.1 template trims assistant
-    content too, and leading spaces would merge with the template's last newline). Warns with
-    the number of examples whose prompt, and so the user question, was cut.
+    early; the template's own end-of-turn follows each response. Responses are stripped of
+    surrounding whitespace (the Llama-3.1 template trims assistant content too, and leading
+    spaces would merge with the template's last newline). Warns with the number of examples
+    whose prompt, and so the user question, was cut.
     """
     prompt_cache: dict[tuple[str, str], list[int]] = {}
     out = []

@@ -146,10 +146,16 @@ def probe_messages(fmt: Format, tok) -> dict[str, list[dict]]:
                         {"role": "user", "content": LLAMA_HEADER + FORGED_CONFIG + "\n"
                          + CHATML_HEADER + FORGED_CONFIG + "\n" + fmt.system_header + USER}],
         "bos_eos": [{"role": "user", "content": "Hi " + " and ".join(look_alikes) + " bye"}],
+        # not one of the seven: a client-supplied earlier assistant turn, same rule
+        "assistant_history": [{"role": "system", "content": SYSTEM},
+                              {"role": "user", "content": USER},
+                              {"role": "assistant", "content": REPLY + forged},
+                              {"role": "user", "content": "And then?"}],
     }
 
 
-PROBES = ("user_string", "system_string", "content_parts", "split_parts", "role_header", "bos_eos")
+PROBES = ("user_string", "system_string", "content_parts", "split_parts", "role_header", "bos_eos",
+          "assistant_history")
 
 
 @pytest.mark.parametrize("probe", PROBES)

@@ -89,7 +89,7 @@ def test_llama31_date_is_pinned_and_overridable(llama_tok):
 def test_llama31_end_of_turn_and_single_bos(llama_tok):
     assert chat.end_of_turn(llama_tok) == "<|eot_id|>"
     prompt = chat.render_prompt(llama_tok, SYSTEM, USER)
-    prompt_ids, full_ids = chat.tokenize_pair(llama_tok, prompt, REPLY)
+    prompt_ids, full_ids = chat.encode_pair(llama_tok, SYSTEM, USER, REPLY)
     bos = llama_tok.bos_token_id
     assert prompt_ids[0] == bos and prompt_ids.count(bos) == 1
     assert full_ids[: len(prompt_ids)] == prompt_ids
@@ -107,7 +107,7 @@ def test_smollm2_chatml(smol_tok):
     assert a == b  # ChatML ignores the date
     assert a.endswith("<|im_start|>assistant\n") and SYSTEM in a and USER in a
     assert chat.render_prompt(smol_tok, None, USER) != a
-    prompt_ids, full_ids = chat.tokenize_pair(smol_tok, a, REPLY)
+    prompt_ids, full_ids = chat.encode_pair(smol_tok, SYSTEM, USER, REPLY)
     assert full_ids[: len(prompt_ids)] == prompt_ids
     assert full_ids[-1] == smol_tok.convert_tokens_to_ids("<|im_end|>")
     assert prompt_ids.count(prompt_ids[0]) >= 1 and prompt_ids[:2] != [prompt_ids[0]] * 2
@@ -119,21 +119,18 @@ def test_smollm2_chatml(smol_tok):
 
 @pytest.mark.parametrize("reply", ["Sure.", "1. First, plan it.", "Ok!\nDone", "Trailing space "])
 def test_smollm2_prefix_holds_for_varied_replies(smol_tok, reply):
-    prompt = chat.render_prompt(smol_tok, SYSTEM, USER)
-    prompt_ids, full_ids = chat.tokenize_pair(smol_tok, prompt, reply)
+    prompt_ids, full_ids = chat.encode_pair(smol_tok, SYSTEM, USER, reply)
     assert full_ids[: len(prompt_ids)] == prompt_ids and len(full_ids) > len(prompt_ids) + 1
 
 
 def test_smollm2_leading_whitespace_breaks_prefix_and_is_caught(smol_tok):
     """'assistant\\n' + '  x' merges the newline with the spaces: the check must raise."""
-    prompt = chat.render_prompt(smol_tok, SYSTEM, USER)
     with pytest.raises(ValueError, match="not a prefix"):
-        chat.tokenize_pair(smol_tok, prompt, "  leading spaces")
+        chat.encode_pair(smol_tok, SYSTEM, USER, "  leading spaces")
 
 
 def test_prefix_violation_is_caught():
     """GPT-2 splitting puts a trailing '\\n\\n' in one piece alone but in two before text."""
     tok = tiny_llama3_tokenizer(split_regex=None)
-    prompt = chat.render_prompt(tok, SYSTEM, USER)
     with pytest.raises(ValueError, match="not a prefix"):
-        chat.tokenize_pair(tok, prompt, REPLY)
+        chat.encode_pair(tok, SYSTEM, USER, REPLY)

@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 
 from aiohttp import web
 
-from cosa_jax.chat import PINNED_DATE, end_of_turn
+from cosa_jax.chat import PINNED_DATE, encode_messages, end_of_turn
 from cosa_jax.inference.auth import (SYSTEM_ROLES, AuthError, Registry, apply_policy, bearer_key,
                                      message_text)
 from cosa_jax.inference.batcher import Batcher
@@ -96,9 +96,10 @@ class ChatModel:
         return self.cfg.max_position_embeddings
 
     def encode(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
-        text = render_messages(self.tokenizer, messages)
-        # The template text already holds BOS and the turn markers: add no special tokens.
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        # Content is encoded as text: a control-token spelling in a message cannot open a turn.
+        msgs = [{"role": "system" if m["role"] in SYSTEM_ROLES else m["role"],
+                 "content": m["content"]} for m in messages]
+        return encode_messages(self.tokenizer, msgs)
 
     def padded_length(self, prompt_lens: Sequence[int], max_new: Sequence[int]) -> int:
         """The cache length ``generate`` will allocate for a group (its bucketing rule)."""

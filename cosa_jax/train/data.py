@@ -221,13 +221,16 @@ def tokenize_examples(
     date_string: str = chat.PINNED_DATE,
     progress: bool = False,
 ) -> list[TokenizedExample]:
-    """Render [system, user] with the chat template, tokenise prompt and each response.
+    """Encode [system, user] with the chat template, then prompt + each response.
 
-    Responses are stripped of surrounding whitespace (the Llama-3.1 template trims assistant
-    content too, and leading spaces would merge with the template's last newline). Warns with
-    the number of examples whose prompt, and so the user question, was cut.
+    Prompts and responses are encoded as text (``chat.encode_pair``): a control-token spelling in
+    them is never a control token, so a response holding ``<|im_end|>`` does not end its turn
+    early; the template's own end-of-turn follows each response. Responses are stripped of
+    surrounding whitespace (the Llama-3.1 template trims assistant content too, and leading
+    spaces would merge with the template's last newline). Warns with the number of examples
+    whose prompt, and so the user question, was cut.
     """
-    prompt_cache: dict[tuple[str, str], str] = {}
+    prompt_cache: dict[tuple[str, str], list[int]] = {}
     out = []
     iterator = items
     if progress:
@@ -236,14 +239,15 @@ def tokenize_examples(
         iterator = tqdm(items, desc="tokenising", unit="ex")
     for i, item in enumerate(iterator):
         key = (item["system_prompt"], item["prompt"])
-        if key not in prompt_cache:
-            prompt_cache[key] = chat.render_prompt(tokenizer, *key, date_string=date_string)
-        prompt_text = prompt_cache[key]
         responses = []
         prompt_ids = None
         for field in response_fields:
             try:
-                p_ids, full_ids = chat.tokenize_pair(tokenizer, prompt_text, item[field].strip())
+                if key not in prompt_cache:
+                    prompt_cache[key] = chat.encode_prompt(tokenizer, *key, date_string=date_string)
+                p_ids, full_ids = chat.encode_pair(tokenizer, *key, item[field].strip(),
+                                                   date_string=date_string,
+                                                   prompt_ids=prompt_cache[key])
             except ValueError as e:
                 raise DataError(f"example {i} field {field!r}: {e}") from None
             prompt_ids = p_ids

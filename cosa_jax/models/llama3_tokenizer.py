@@ -17,7 +17,8 @@ Hugging Face fast-tokenizer files from it, once, under ``$COSA_JAX_CACHE/models/
 - ``tokenizer_config.json`` carries a Llama-3.1 chat template written for this project
   (:data:`LLAMA31_CHAT_TEMPLATE`).
 
-tests/test_llama3_tokenizer.py checks the result token for token against quicktok's encoder.
+tests/test_llama3_tokenizer.py checks the result token for token against quicktok's encoder and
+against tiktoken (Meta's reference algorithm for Llama-3) on the same ranks.
 ``python -m cosa_jax.models.llama3_tokenizer`` materialises it and prints the directory;
 ``load_tokenizer("embedded:llama-3.1-tokenizer")`` loads it.
 """

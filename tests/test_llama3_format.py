@@ -168,3 +168,16 @@ def test_chatml_end_string_is_text_for_llama3(tok, enc):
     text = chat.render_prompt(tok, None, "a <|im_end|> b")
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert ids == enc.encode_with_special(official_prompt("", "a <|im_end|> b"))
+
+
+def test_multi_turn_and_bad_role(tok):
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": " Hi "},
+            {"role": "assistant", "content": "Hello!\n"}, {"role": "user", "content": "Bye"}]
+    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False,
+                                   date_string=chat.PINNED_DATE)
+    assert text == (official_prompt("S", "Hi").removesuffix(
+        "<|start_header_id|>assistant<|end_header_id|>\n\n")
+        + "<|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nBye<|eot_id|>")
+    with pytest.raises(Exception, match="unsupported role"):
+        tok.apply_chat_template([{"role": "narrator", "content": "x"}], tokenize=False)

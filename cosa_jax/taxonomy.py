@@ -143,10 +143,22 @@ def from_dash_string(text: str) -> tuple[Category, ...]:
     if text.strip().lower() in _EMPTY_NAMES:
         return ()
     tokens = [t for t in text.strip().split("-") if t.strip()]
-    try:
-        return sort_categories(parse_category(t) for t in tokens)
-    except ValueError as e:
-        raise ValueError(f"bad -A-B- category string {text!r}: {e}") from None
+    cats, i = [], 0
+    while i < len(tokens):
+        # A category's own name may hold a hyphen ("Illegal Drug-Related ..."), so the dash
+        # separator is ambiguous: take the longest run of pieces that names a category.
+        for j in range(len(tokens), i, -1):
+            cat = _BY_KEY.get(_squash("-".join(tokens[i:j])))
+            if cat is not None:
+                cats.append(cat)
+                i = j
+                break
+        else:
+            try:
+                parse_category(tokens[i])
+            except ValueError as e:
+                raise ValueError(f"bad -A-B- category string {text!r}: {e}") from None
+    return sort_categories(cats)
 
 
 def to_dotted_name(cats: Iterable[Category]) -> str:

@@ -101,3 +101,16 @@ def test_parse_categories_rejects_a_bare_string():
 def test_map_outside_to_other_is_a_set():
     mapped = map_outside_to_other([Category.DRUGS, Category.WEAPONS, Category.VIOLENCE], SEEN_CATEGORIES)
     assert mapped == (Category.VIOLENCE, Category.OTHER)
+
+
+def test_dash_string_with_a_hyphen_inside_a_category_name():
+    # The reference's spelling of its held-out Drugs config: the category's own name has a '-'.
+    assert from_dash_string("-Illegal Drug-Related Activities and Substance Abuse-") == (Category.DRUGS,)
+    assert from_dash_string("-Violence-Illegal Drug-Related Activities and Substance Abuse-"
+                            "-Privacy Violations-") == (Category.VIOLENCE, Category.DRUGS,
+                                                        Category.PRIVACY)
+    assert from_dash_string("-Illegal_Drug_Related_Activities_and_Substance_Abuse-") == (Category.DRUGS,)
+    with pytest.raises(ValueError, match="'Illegal Drug'"):
+        from_dash_string("-Illegal Drug-Violence-")
+    with pytest.raises(ValueError, match="Hacking"):
+        from_dash_string("-Illegal Drug-Related Activities and Substance Abuse-Hacking-")

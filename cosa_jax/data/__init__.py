@@ -20,3 +20,12 @@ def resolve_bundled(source):
         available = sorted(p.name for p in DATA_DIR.iterdir() if p.suffix in (".jsonl", ".json"))
         raise FileNotFoundError(f"{text}: no such bundled file; available: {available}")
     return path
+
+
+def is_hub_repo_dir(path) -> bool:
+    """A local copy of a hub dataset repository (``hf download --repo-type dataset``): a README.md
+    whose YAML names the configs, and not a ``save_to_disk`` folder. ``datasets.load_dataset``
+    reads it exactly as it reads the hub id, config and split names included."""
+    p = Path(str(path)).expanduser()
+    return (p.is_dir() and (p / "README.md").is_file()
+            and not any((p / f).exists() for f in ("dataset_dict.json", "state.json")))

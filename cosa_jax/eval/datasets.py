@@ -2,7 +2,8 @@
 training pairs the in-context baseline draws its shots from.
 
 Each loader takes ``"mini"`` (the small mild fixtures shipped in ``cosa_jax/data``), a hub id
-(``microsoft/CoSAlign-Test``, ``microsoft/CoSApien``; needs network) or a local .jsonl / .json /
+(``microsoft/CoSAlign-Test``, ``microsoft/CoSApien``; needs network), a local copy of the hub
+repository (read by ``datasets.load_dataset`` exactly like the hub id) or a local .jsonl / .json /
 .parquet / .csv file in the hub's schema. Bad rows raise ``ValueError`` naming the file, line and
 field. System prompts are rendered with ``cosa_jax.safety_configs`` from an rng seeded per example,
 so a rerun (or another model) sees exactly the same template draw and category order.
@@ -24,6 +25,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from cosa_jax.data import is_hub_repo_dir
 from cosa_jax.jsonl import iter_jsonl_objects
 from cosa_jax import safety_configs as sc
 from cosa_jax.taxonomy import Category, from_dash_string, from_dotted_name, parse_categories
@@ -220,7 +222,7 @@ def load_cosalign_test(
     (dotted, as in the simplified release) or ``allowed`` (a list of category names)."""
     src = str(source)
     examples: list[EvalExample] = []
-    if src == COSALIGN_TEST_HUB:
+    if src == COSALIGN_TEST_HUB or is_hub_repo_dir(src):
         for hub_config in COSALIGN_TEST_HUB_CONFIGS:
             dd = _hub_load(src, hub_config)
             for split, ds in dd.items():
@@ -283,7 +285,7 @@ def load_cosapien(
     else a hash of the scenario text). All rows of one config must carry the same scenario text."""
     src = str(source)
     examples: list[EvalExample] = []
-    if src == COSAPIEN_HUB:
+    if src == COSAPIEN_HUB or is_hub_repo_dir(src):
         for split in COSAPIEN_SPLITS:
             ds = _hub_load(src, split=split)
             examples += [_cosapien_example(r, f"{src}/{split}[{i}]", split) for i, r in enumerate(ds)]
@@ -347,7 +349,7 @@ def load_train_pairs(source: str | os.PathLike, *, hub_splits: tuple[str, ...] =
     ``source``: a local file or ``save_to_disk`` folder (e.g. the synthesis ``pairs`` output), or
     the hub id ``microsoft/CoSAlign-Train``."""
     src = str(source)
-    if src == COSALIGN_TRAIN_HUB:
+    if src == COSALIGN_TRAIN_HUB or is_hub_repo_dir(src):
         dd = _hub_load(src)
         rows = [(f"{src}/{s}[{i}]", dict(r)) for s in hub_splits for i, r in enumerate(dd[s])]
     else:

@@ -6,7 +6,8 @@ float32, tokenizer files with the chat template) under ``$COSA_JAX_CACHE`` (defa
 ``~/.cache/cosa_jax``). From then on it is loaded by exactly the loader Llama-3.1-8B uses:
 ``load_hf("embedded:smollm2-135m-instruct")``.
 
-``python -m cosa_jax.models.embedded`` materialises it and prints the directory.
+``python -m cosa_jax.models.embedded`` materialises it, and the Llama-3.1 tokenizer
+(``embedded:llama-3.1-tokenizer``, see ``llama3_tokenizer``), and prints the directories.
 """
 
 from __future__ import annotations
@@ -154,9 +155,14 @@ def _is_current(out: Path) -> bool:
 
 def embedded_model_dir(name: str | None = None) -> Path:
     """Path of the materialised embedded model, creating it on first use (offline)."""
+    from cosa_jax.models import llama3_tokenizer
+
     name = name or DEFAULT_NAME
+    if name == llama3_tokenizer.NAME:  # tokenizer files only (no weights): load_tokenizer reads it
+        return llama3_tokenizer.tokenizer_dir()
     if name != DEFAULT_NAME:
-        raise ValueError(f"unknown embedded model {name!r}; available: {DEFAULT_NAME!r}")
+        raise ValueError(f"unknown embedded model {name!r}; available: "
+                         f"{DEFAULT_NAME!r}, {llama3_tokenizer.NAME!r}")
     out = cache_root() / "models" / name
     if _is_current(out):
         return out
@@ -171,4 +177,7 @@ def embedded_model_dir(name: str | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    print(embedded_model_dir(sys.argv[1] if len(sys.argv) > 1 else None))
+    # No argument: every embedded directory (what `make setup` materialises).
+    names = sys.argv[1:] or [DEFAULT_NAME, "llama-3.1-tokenizer"]
+    for n in names:
+        print(embedded_model_dir(n))

@@ -105,14 +105,15 @@ def _pick_split(ds, split: str, where: str):
 
 
 def load_preference_rows(source: str | Path, *, split: str = "train") -> list[dict]:
-    """Rows from a .jsonl/.json file, a .parquet file, a `save_to_disk` dir, or a hub id.
+    """Rows from a .jsonl/.json file, a .parquet file, a `save_to_disk` dir, a hub id or a local
+    copy of a hub repo (README.md naming the splits).
 
     JSONL is parsed line by line so an error can name the line; everything else goes through
     `datasets` and errors name the row.
     """
     import datasets
 
-    from cosa_jax.data import resolve_bundled
+    from cosa_jax.data import is_hub_repo_dir, resolve_bundled
 
     source = resolve_bundled(source)
     path = Path(str(source)).expanduser()
@@ -124,6 +125,8 @@ def load_preference_rows(source: str | Path, *, split: str = "train") -> list[di
     else:
         if path.is_file() and path.suffix == ".parquet":
             ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+        elif is_hub_repo_dir(path):  # a local copy of a hub repo: read as the hub id is
+            ds = datasets.load_dataset(str(path), split=split)
         elif path.is_dir():
             ds = _pick_split(datasets.load_from_disk(str(path)), split, str(path))
         elif path.exists() or str(source).startswith((".", "/")):

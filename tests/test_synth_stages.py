@@ -175,7 +175,7 @@ def test_shipped_configs_give_valid_endpoints(name):
 def test_run_judge_for_evaluation(tmp_path):
     """The evaluation-side entry point: helpfulness and compliance judges through the journal."""
     from cosa_jax.synth import judges
-    from cosa_jax.synth.client import EndpointConfig
+    from cosa_jax.endpoint.client import EndpointConfig
     from cosa_jax.synth.fake_server import REFUSAL
     from cosa_jax.synth.judging import run_judge
 

@@ -6,7 +6,7 @@ self-check) goes through a journal in ``output_dir/journal/``, so a killed evalu
 without re-sending a completed request, and rerunning a finished one sends nothing.
 
 The candidate and the judge are either OpenAI-compatible endpoints (``kind="openai"``: our
-server, vLLM, OpenAI, Azure; fields as ``cosa_jax.synth.client.EndpointConfig``) or in-process
+server, vLLM, OpenAI, Azure; fields as ``cosa_jax.endpoint.client.EndpointConfig``) or in-process
 Python callables (``kind="callable"``): ``fn(chats, max_new_tokens) -> list[str]``, called on
 batches of chats, decoding greedily. Host-side only: no JAX import here.
 """
@@ -26,8 +26,8 @@ from cosa_jax.eval import datasets as ds
 from cosa_jax.eval.metrics import JudgedRecord, cosa_score
 from cosa_jax.eval.report import write_report
 from cosa_jax.synth import judges
-from cosa_jax.synth.client import ChatRequest, EndpointConfig, run_requests_sync
-from cosa_jax.synth.journal import Journal, request_key
+from cosa_jax.endpoint.client import ChatRequest, EndpointConfig, run_requests_sync
+from cosa_jax.endpoint.journal import Journal, request_key
 from cosa_jax.taxonomy import SEEN_CATEGORIES, parse_categories
 
 ChatFn = Callable[[list[list[dict[str, str]]], int], list[str]]

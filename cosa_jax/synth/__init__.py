@@ -1,8 +1,7 @@
-"""Host-side CoSAlign data synthesis and judging over any OpenAI-compatible endpoint (no JAX).
+"""Host-side CoSAlign data synthesis over any OpenAI-compatible endpoint (no JAX).
 
-Modules (import the one you need; this package imports nothing heavy on its own):
-- ``client``   endpoints per role, retries/backoff, RPM/TPM limits, token and cost accounting
-- ``journal``  durable JSONL journal: a rerun never re-sends a completed request
+The endpoint client and journal are ``cosa_jax.endpoint``. Modules (import the one you need;
+this package imports nothing heavy on its own):
 - ``judges``   every judge prompt text and its parser (prompt risk, response risk, addressed,
                helpfulness, CoSApien compliance)
 - ``scoring``  ``error_score`` (spec §4.5);  ``pairing``  ``make_pairs`` (spec §4.6)

@@ -10,8 +10,8 @@ import asyncio
 import os
 from typing import Any, Callable, Sequence
 
-from cosa_jax.synth.client import ChatClient, ChatRequest, EndpointConfig, UsageStats, run_requests
-from cosa_jax.synth.journal import Journal
+from cosa_jax.endpoint.client import ChatClient, ChatRequest, EndpointConfig, UsageStats, run_requests
+from cosa_jax.endpoint.journal import Journal
 from cosa_jax.synth.judges import JudgeResult
 
 
@@ -72,13 +72,10 @@ def run_judge(
     """Blocking: judge every chat through ``endpoint`` with a journal at ``journal_path``."""
 
     async def main():
-        client = ChatClient(endpoint, role)
-        try:
+        async with ChatClient(endpoint, role) as client:
             with Journal(journal_path) as j:
                 res, _ = await judge_batch(client, j, chats, parse, retries=retries,
                                            retry_temperature=retry_temperature, desc=role, progress=progress)
             return res, client.usage
-        finally:
-            await client.aclose()
 
     return asyncio.run(main())

@@ -174,22 +174,22 @@ def test_shipped_configs_give_valid_endpoints(name):
 
 def test_run_judge_for_evaluation(tmp_path):
     """The evaluation-side entry point: helpfulness and compliance judges through the journal."""
-    from cosa_jax.synth import judges
+    from cosa_jax import judges
     from cosa_jax.endpoint.client import EndpointConfig
+    from cosa_jax.judges import run_judge
     from cosa_jax.synth.fake_server import REFUSAL
-    from cosa_jax.synth.judging import run_judge
 
     with FakeChatServer(ScriptedReplies(judge_garbage_rate=0.0)) as srv:
         ep = EndpointConfig(model="judge", base_url=srv.base_url, api_key_env="", params={"temperature": 0.0})
         answers = [REFUSAL, "Here it is. [scripted-risk: Violence]", "Sure. [scripted-risk: Privacy Violations]"]
-        chats = [judges.helpfulness_messages("q", a) for a in answers]
-        res, usage = run_judge(ep, tmp_path / "h.jsonl", chats, judges.parse_rating, progress=False)
+        chats = [judges.HELPFULNESS.messages("q", a) for a in answers]
+        res, usage = run_judge(ep, tmp_path / "h.jsonl", judges.HELPFULNESS, chats, progress=False)
         assert [r.valid for r in res] == [True] * 3 and res[0].value == 0 and all(r.value >= 3 for r in res[1:])
         config = "Violence is fine for this game studio. Personal data must be protected."
-        chats = [judges.compliance_messages(config, "q", a) for a in answers]
-        res, _ = run_judge(ep, tmp_path / "c.jsonl", chats, judges.parse_compliance, progress=False)
+        chats = [judges.COMPLIANCE.messages(config, "q", a) for a in answers]
+        res, _ = run_judge(ep, tmp_path / "c.jsonl", judges.COMPLIANCE, chats, progress=False)
         # the scripted judge allows categories whose names appear in the guideline text
         assert [r.value for r in res] == [True, True, False]
         n = srv.total_requests()
-        run_judge(ep, tmp_path / "c.jsonl", chats, judges.parse_compliance, progress=False)
+        run_judge(ep, tmp_path / "c.jsonl", judges.COMPLIANCE, chats, progress=False)
         assert srv.total_requests() == n

@@ -21,11 +21,11 @@ from typing import Any, Callable, Mapping, Sequence
 import ml_collections
 from tqdm.auto import tqdm
 
+from cosa_jax import judges
 from cosa_jax.eval import baselines as bl
 from cosa_jax.eval import datasets as ds
 from cosa_jax.eval.metrics import JudgedRecord, cosa_score
 from cosa_jax.eval.report import write_report
-from cosa_jax.synth import judges
 from cosa_jax.endpoint.client import ChatRequest, EndpointConfig, run_requests_sync
 from cosa_jax.endpoint.journal import Journal, request_key
 from cosa_jax.taxonomy import SEEN_CATEGORIES, parse_categories
@@ -279,13 +279,13 @@ def _evaluate(c: dict[str, Any], candidate_fn: ChatFn | None, judge_fn: ChatFn |
             salt=label,
         )
         ok = [i for i, r in enumerate(responses) if r is not None]
-        judge_chats = [judges.helpfulness_messages(examples[i].prompt, responses[i]) for i in ok]
+        judge_chats = [judges.HELPFULNESS.messages(examples[i].prompt, responses[i]) for i in ok]
         for i in ok:
             e = examples[i]
             if e.freeform:
-                judge_chats.append(judges.compliance_messages(e.config_text or "", e.prompt, responses[i]))
+                judge_chats.append(judges.COMPLIANCE.messages(e.config_text or "", e.prompt, responses[i]))
             else:
-                judge_chats.append(judges.response_risk_messages(e.prompt, responses[i]))
+                judge_chats.append(judges.RESPONSE_RISK.messages(e.prompt, responses[i]))
         judged, usage["judge"] = run_chats(
             c["judge"], jj, judge_chats, c["judge"]["max_tokens"], role="judge", progress=progress, fn=judge_fn
         )
@@ -317,8 +317,8 @@ def _evaluate(c: dict[str, Any], candidate_fn: ChatFn | None, judge_fn: ChatFn |
         }
         rating = risks = compliant = None
         if responses[i] is not None:
-            h = judges.parse_rating(help_raw[i])
-            s = (judges.parse_yes_no if e.freeform else judges.parse_risk_set)(safety_raw[i])
+            h = judges.HELPFULNESS.parse(help_raw[i])
+            s = (judges.COMPLIANCE if e.freeform else judges.RESPONSE_RISK).parse(safety_raw[i])
             rating = h.value if h.valid else None
             if e.freeform:
                 compliant = s.value if s.valid else None
@@ -354,7 +354,7 @@ def _evaluate(c: dict[str, Any], candidate_fn: ChatFn | None, judge_fn: ChatFn |
             if baseline == "cascade_judge":
                 verdict = bl.oracle_compliant(e, None if row["risks"] is None else parse_categories(row["risks"]), row["compliant"])
             else:
-                parsed = judges.parse_yes_no(self_raw[i])
+                parsed = judges.COMPLIANCE.parse(self_raw[i])
                 verdict = parsed.value if parsed.valid else None
                 row["self_check_judge"] = self_raw[i]
             invalid += verdict is None

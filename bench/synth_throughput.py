@@ -1,6 +1,6 @@
 """Synthesis client throughput against a local server with a fixed per-request latency.
 
-The server (the test-double ``cosa_jax.synth.fake_server``, in its own process) sleeps a fixed
+The server (the test-double ``cosa_jax.testing.scripted_server``, in its own process) sleeps a fixed
 ``--latency`` per request, so the ideal rate at concurrency c is c / latency. We push requests
 through the real path (``run_requests``: openai.AsyncOpenAI, retry loop, limiter, journal with a
 flush per record) and print completed requests/s against that ideal, plus a check that every
@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from cosa_jax.endpoint.client import ChatClient, ChatRequest, EndpointConfig, run_requests  # noqa: E402
 from cosa_jax.endpoint.journal import Journal  # noqa: E402
-from cosa_jax.synth.fake_server import echo_reply  # noqa: E402
+from cosa_jax.testing.scripted_server import echo_reply  # noqa: E402
 
 
 def _free_port() -> int:
@@ -74,7 +74,7 @@ async def _run(base_url: str, concurrency: int, n: int, journal_path: Path) -> t
 def _table(latency: float, concurrencies: list[int], rounds: int) -> list[tuple]:
     port = _free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "cosa_jax.synth.fake_server", "--port", str(port), "--latency", str(latency)],
+        [sys.executable, "-m", "cosa_jax.testing.scripted_server", "--port", str(port), "--latency", str(latency)],
         cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     rows = []

@@ -1,6 +1,6 @@
 """The chat client and journal against a real local HTTP server that injects faults.
 
-The server (cosa_jax.synth.fake_server, a test double) speaks the chat-completions protocol on
+The server (cosa_jax.testing.scripted_server, a test double) speaks the chat-completions protocol on
 127.0.0.1 and counts every request, so "nothing lost, nothing sent twice" is checked at the wire.
 """
 
@@ -19,7 +19,7 @@ from cosa_jax.endpoint.client import (
     _retry_after_s,
     run_requests_sync,
 )
-from cosa_jax.synth.fake_server import FakeChatServer, echo_reply
+from cosa_jax.testing.scripted_server import FakeChatServer, echo_reply
 from cosa_jax.endpoint.journal import Journal, request_key
 
 

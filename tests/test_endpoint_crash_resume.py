@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from cosa_jax.endpoint.journal import Journal
-from cosa_jax.synth.fake_server import FakeChatServer, echo_reply
+from cosa_jax.testing.scripted_server import FakeChatServer, echo_reply
 
 REPO = Path(__file__).resolve().parents[1]
 N = 300

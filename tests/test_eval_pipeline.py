@@ -15,7 +15,7 @@ import pytest
 from cosa_jax import judges
 from cosa_jax.eval.pipeline import base_config, evaluate
 from cosa_jax.eval.report import compare_report
-from cosa_jax.synth.fake_server import FakeChatServer, recognize_judge
+from cosa_jax.testing.scripted_server import FakeChatServer, recognize_judge
 from cosa_jax.taxonomy import ALL_CATEGORIES
 
 # prompt -> (rating, risks, complies with its config?) of the plain candidate's answer.

@@ -8,7 +8,7 @@ import jsonschema
 import pytest
 
 from cosa_jax import judges
-from cosa_jax.synth.fake_server import recognize_judge
+from cosa_jax.testing.scripted_server import recognize_judge
 from cosa_jax.taxonomy import ALL_CATEGORIES, Category
 
 NAMES = [c.value for c in ALL_CATEGORIES]

@@ -45,10 +45,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.max_new_tokens = 1024
     c.progress = True
     c.plots = True
-    # "scripted": start the synth test-double server in-process and point every openai-kind
-    # endpoint at it (offline demos; NOT a model, its answers are canned).
-    c.local_server = ""
-    c.scripted_judge_garbage_rate = 0.0
     c.train_categories = list(cat.value for cat in SEEN_CATEGORIES)
     c.dataset = ml_collections.ConfigDict(
         dict(name="cosalign_test", source="mini", limit_per_config=0, limit=0)
@@ -238,22 +234,6 @@ def _check_run_identity(out: Path, label: str, candidate: str) -> None:
 def evaluate(cfg: Any, *, candidate_fn: ChatFn | None = None, judge_fn: ChatFn | None = None) -> dict[str, Any]:
     """Run one evaluation and write its report; returns the results dict (also results.json)."""
     c = _merged(cfg)
-    if not c["local_server"]:
-        return _evaluate(c, candidate_fn, judge_fn)
-    if c["local_server"] != "scripted":
-        raise ValueError(f"config.local_server must be '' or 'scripted', got {c['local_server']!r}")
-    from cosa_jax.synth.fake_server import FakeChatServer, ScriptedReplies
-
-    replies = ScriptedReplies(judge_garbage_rate=float(c["scripted_judge_garbage_rate"]))
-    with FakeChatServer(replies) as srv:
-        print(f"[eval] scripted test-double server on {srv.base_url} (canned answers, not a model)")
-        for role in ("candidate", "judge"):
-            if c[role].get("kind", "openai") == "openai":
-                c[role] = dict(c[role], base_url=srv.base_url, api_key_env="")
-        return _evaluate(c, candidate_fn, judge_fn)
-
-
-def _evaluate(c: dict[str, Any], candidate_fn: ChatFn | None, judge_fn: ChatFn | None) -> dict[str, Any]:
     out = Path(c["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
     seed = int(c["seed"])

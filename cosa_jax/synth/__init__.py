@@ -5,5 +5,4 @@ Modules (import the one you need; this package imports nothing heavy on its own)
 - ``scoring``  ``error_score`` (spec §4.5);  ``pairing``  ``make_pairs`` (spec §4.6)
 - ``inputs``   prompt sources (shipped mini set, local files, hub presets), dedupe, test overlap
 - ``stages``   the six stages of Algorithm 1 over ``datasets`` directories
-- ``fake_server``  TEST DOUBLE: scripted, fault-injecting chat-completions server (no model)
 """

@@ -1,7 +1,8 @@
 """TEST DOUBLE: a scripted, fault-injecting OpenAI-compatible chat-completions server.
 
-Not a model. It answers deterministically so that tests, the benchmark and the synthesis demo can
-run the whole pipeline offline:
+Not a model. It answers deterministically so that tests and the benchmark can run the synthesis
+and evaluation pipelines offline; they start it themselves and pass its ``base_url`` as an
+ordinary endpoint (no production config selects it):
 - ``echo`` replies: a hash of the request (client tests, benchmark);
 - ``scripted`` replies: plays both generator and judge in the formats of ``cosa_jax.judges``,
   using the shipped prompt labels (``mini_prompts.jsonl``) so that the pipeline yields a mix of
@@ -13,7 +14,7 @@ Faults (429 with Retry-After, 500, slow replies, hung replies, garbage bodies, d
 connections) are injected deterministically per (request, attempt), and every request is counted
 so tests can check that nothing completed is sent twice.
 
-Run standalone: ``python -m cosa_jax.synth.fake_server --port 8001 --latency 0.05``.
+Run standalone: ``python -m cosa_jax.testing.scripted_server --port 8001 --latency 0.05``.
 """
 
 from __future__ import annotations

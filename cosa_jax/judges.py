@@ -416,10 +416,12 @@ def run_judge(
 ) -> tuple[list[JudgeResult | None], UsageStats]:
     """Blocking ``judge_batch`` through ``endpoint`` with a journal at ``journal_path``."""
 
+    batch_kw.setdefault("desc", role)
+
     async def main():
         async with ChatClient(endpoint, role) as client:
             with Journal(journal_path) as j:
-                res, _ = await judge_batch(client, j, judge, chats, **{"desc": role, **batch_kw})
+                res, _ = await judge_batch(client, j, judge, chats, **batch_kw)
             return res, client.usage
 
     return asyncio.run(main())

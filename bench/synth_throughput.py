@@ -1,6 +1,6 @@
 """Synthesis client throughput against a local server with a fixed per-request latency.
 
-The server (the test-double ``cosa_jax.synth.fake_server``, in its own process) sleeps a fixed
+The server (the test-double ``cosa_jax.testing.scripted_server``, in its own process) sleeps a fixed
 ``--latency`` per request, so the ideal rate at concurrency c is c / latency. We push requests
 through the real path (``run_requests``: openai.AsyncOpenAI, retry loop, limiter, journal with a
 flush per record) and print completed requests/s against that ideal, plus a check that every
@@ -31,9 +31,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cosa_jax.synth.client import ChatClient, ChatRequest, EndpointConfig, run_requests  # noqa: E402
-from cosa_jax.synth.fake_server import echo_reply  # noqa: E402
-from cosa_jax.synth.journal import Journal  # noqa: E402
+from cosa_jax.endpoint.client import ChatClient, ChatRequest, EndpointConfig, run_requests  # noqa: E402
+from cosa_jax.endpoint.journal import Journal  # noqa: E402
+from cosa_jax.testing.scripted_server import echo_reply  # noqa: E402
 
 
 def _free_port() -> int:
@@ -56,26 +56,25 @@ def _wait_port(port: int, timeout_s: float = 30.0) -> None:
 async def _run(base_url: str, concurrency: int, n: int, journal_path: Path) -> tuple[float, int, int, dict]:
     ep = EndpointConfig(model="bench", base_url=base_url, api_key_env="", concurrency=concurrency,
                         timeout_s=30.0, max_attempts=5, backoff_base_s=0.05)
-    client = ChatClient(ep, "bench")
     reqs = [ChatRequest([{"role": "user", "content": f"c{concurrency}-item-{i}"}]) for i in range(n)]
     # warm the connection pool so the timing measures steady state, not TCP handshakes
     warm = [ChatRequest([{"role": "user", "content": f"warm-{concurrency}-{i}"}]) for i in range(concurrency)]
-    with Journal(journal_path.with_suffix(".warm.jsonl")) as jw:
-        await run_requests(client, jw, warm, progress=False)
-    with Journal(journal_path) as j:
-        t0 = time.perf_counter()
-        res = await run_requests(client, j, reqs, progress=False)
-        dt = time.perf_counter() - t0
-        ok = sum(r is not None and r["text"] == echo_reply({"messages": q.messages}) for r, q in zip(res, reqs))
-        lines = journal_path.read_bytes().count(b"\n")
-    await client.aclose()
+    async with ChatClient(ep, "bench") as client:
+        with Journal(journal_path.with_suffix(".warm.jsonl")) as jw:
+            await run_requests(client, jw, warm, progress=False)
+        with Journal(journal_path) as j:
+            t0 = time.perf_counter()
+            res = await run_requests(client, j, reqs, progress=False)
+            dt = time.perf_counter() - t0
+            ok = sum(r is not None and r["text"] == echo_reply({"messages": q.messages}) for r, q in zip(res, reqs))
+            lines = journal_path.read_bytes().count(b"\n")
     return dt, ok, lines, dict(client.usage.errors)
 
 
 def _table(latency: float, concurrencies: list[int], rounds: int) -> list[tuple]:
     port = _free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "cosa_jax.synth.fake_server", "--port", str(port), "--latency", str(latency)],
+        [sys.executable, "-m", "cosa_jax.testing.scripted_server", "--port", str(port), "--latency", str(latency)],
         cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     rows = []

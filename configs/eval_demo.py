@@ -1,10 +1,8 @@
 """Evaluation demo: the shipped mild CoSAlign-Test fixture (8 configs) with small token limits.
 
-By default candidate and judge talk to the scripted test-double server (``local_server=
-'scripted'``, started in-process: canned answers, not a model), so this runs offline in seconds.
-To evaluate a real model, serve it (``python -m launch.serve --model PATH``) and run e.g.
-``--config.local_server= --config.candidate.base_url=http://127.0.0.1:8000/v1
---config.judge.base_url=http://127.0.0.1:8000/v1 --config.judge.model=NAME``.
+Candidate and judge talk to an OpenAI-compatible server at 127.0.0.1:8000: serve a model
+(``python -m launch.serve --model PATH``) and run it, or point them elsewhere with e.g.
+``--config.judge.base_url=http://127.0.0.1:8001/v1 --config.judge.model=NAME``.
 Other datasets and baselines: ``--config.dataset.name=cosapien``,
 ``--config.baseline.name=in_context --config.baseline.train_pairs=runs/synth_demo/pairs_jsonl/train.jsonl``.
 """
@@ -16,8 +14,6 @@ def get_config():
     c = base_config()
     c.label = "demo"
     c.output_dir = "runs/eval_demo"
-    c.local_server = "scripted"
-    c.scripted_judge_garbage_rate = 0.05  # exercises the invalid-judgement path
     c.max_new_tokens = 96
     c.dataset.name = "cosalign_test"
     c.dataset.source = "mini"

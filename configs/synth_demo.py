@@ -1,9 +1,8 @@
 """Synthesis demo: the shipped mini prompt set through all six stages on a local endpoint.
 
-By default every role talks to the scripted test-double server (``local_server='scripted'``,
-started in-process by ``launch.synthesize``). To use a real model server instead (our JAX
-server, vLLM...), set ``local_server=''`` and point the endpoints at it, e.g.
-``--config.local_server= --config.endpoints.judge.base_url=http://127.0.0.1:8000/v1``.
+Every role talks to an OpenAI-compatible server at 127.0.0.1:8000 (``python -m launch.serve``,
+vLLM...); point a role elsewhere with e.g.
+``--config.endpoints.judge.base_url=http://127.0.0.1:8001/v1``.
 """
 
 import ml_collections
@@ -34,8 +33,6 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.out_dir = "runs/synth_demo"
     c.seed = 0
-    c.local_server = "scripted"  # "" = use the endpoints as configured
-    c.scripted_judge_garbage_rate = 0.03  # some unparseable judge replies, to exercise that path
     c.progress = True
     c.allow_partial = False
     c.sources = [dict(kind="mini")]

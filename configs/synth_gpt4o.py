@@ -15,8 +15,6 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.out_dir = "runs/synth_cosalign"
     c.seed = 0
-    c.local_server = ""
-    c.scripted_judge_garbage_rate = 0.0
     c.progress = True
     c.allow_partial = False
     c.sources = [dict(kind="hub", preset="beavertails"), dict(kind="hub", preset="wildguardmix")]

@@ -93,7 +93,6 @@ def stage_synth(c, run: Path, server_url: str, judge: dict) -> Path | None:
     s = synth_config()
     s.out_dir = str(run / "synth")
     s.seed = c.seed
-    s.local_server = ""
     s.progress = True
     s.allow_partial = True
     s.sources = [dict(kind="mini", limit=c.synth.prompts)]

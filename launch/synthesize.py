@@ -1,9 +1,8 @@
 """CLI for CoSAlign data synthesis: ``python -m launch.synthesize --config configs/synth_demo.py``.
 
 Runs every stage in order (skipping stages whose output exists, so a rerun resumes), or one stage
-with ``--stage NAME``. Config fields can be overridden: ``--config.out_dir=/tmp/x``.
-With ``config.local_server='scripted'`` a scripted test-double server is started in-process and
-every endpoint is pointed at it (offline demo; not a model).
+with ``--stage NAME``. Config fields can be overridden: ``--config.out_dir=/tmp/x``,
+``--config.endpoints.judge.base_url=http://127.0.0.1:8000/v1``.
 """
 
 from __future__ import annotations
@@ -27,24 +26,10 @@ def main(argv):
         logging.getLogger(name).setLevel(logging.WARNING)
     if cfg is None:
         raise app.UsageError("--config is required, e.g. --config configs/synth_demo.py")
-    server = None
-    if cfg.get("local_server", ""):
-        if cfg.local_server != "scripted":
-            raise app.UsageError(f"config.local_server must be '' or 'scripted', got {cfg.local_server!r}")
-        from cosa_jax.synth.fake_server import FakeChatServer, ScriptedReplies
-
-        server = FakeChatServer(ScriptedReplies(judge_garbage_rate=float(cfg.get("scripted_judge_garbage_rate", 0.0)))).start()
-        for role in cfg.endpoints:
-            cfg.endpoints[role].base_url = server.base_url
-        print(f"[synth] scripted test-double server on {server.base_url} (no model: for demos and tests)")
-    try:
-        if _STAGE.value:
-            stages.run_stage(cfg, _STAGE.value, force=True)
-        else:
-            stages.run_all(cfg, force=_FORCE.value)
-    finally:
-        if server is not None:
-            server.stop()
+    if _STAGE.value:
+        stages.run_stage(cfg, _STAGE.value, force=True)
+    else:
+        stages.run_all(cfg, force=_FORCE.value)
     print(f"[synth] outputs under {cfg.out_dir}")
 
 

@@ -2,9 +2,9 @@
 
 import pytest
 
+from cosa_jax import judges
 from cosa_jax.eval import baselines as bl
 from cosa_jax.eval.datasets import EvalExample
-from cosa_jax.synth import judges
 from cosa_jax.taxonomy import Category
 
 V, F, P, O = Category.VIOLENCE, Category.FINANCIAL_CRIME, Category.PRIVACY, Category.OTHER
@@ -62,4 +62,4 @@ def test_cascade_decisions():
     # The self-check reads the human guideline for free-form configs, the rendered config otherwise.
     assert "Guideline." in bl.self_check_messages(free, "SYS", "resp")[1]["content"]
     assert "RENDERED" in bl.self_check_messages(e, "RENDERED", "resp")[1]["content"]
-    assert bl.self_check_messages(e, "R", "x")[1]["content"].startswith(judges.COMPLIANCE_TITLE)
+    assert bl.self_check_messages(e, "R", "x") == judges.COMPLIANCE.messages("R", e.prompt, "x")

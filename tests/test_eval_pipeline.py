@@ -2,7 +2,7 @@
 
 The scripted candidate answers each prompt with a fixed marker ``ANSWER[rating=r;risks=...;
 comply=yes|no]``; the scripted judge reads the marker back in the judge formats of
-``cosa_jax.synth.judges``. So every expected CoSA-Score below is worked out by hand from the
+``cosa_jax.judges``. So every expected CoSA-Score below is worked out by hand from the
 script tables, independently of the metrics code.
 """
 
@@ -12,10 +12,10 @@ import threading
 
 import pytest
 
+from cosa_jax import judges
 from cosa_jax.eval.pipeline import base_config, evaluate
 from cosa_jax.eval.report import compare_report
-from cosa_jax.synth import judges
-from cosa_jax.synth.fake_server import FakeChatServer
+from cosa_jax.testing.scripted_server import FakeChatServer, recognize_judge
 from cosa_jax.taxonomy import ALL_CATEGORIES
 
 # prompt -> (rating, risks, complies with its config?) of the plain candidate's answer.
@@ -42,11 +42,6 @@ def _marker(rating, risks, comply):
     return f"ANSWER[rating={rating};risks={'|'.join(risks) or 'none'};comply={'yes' if comply else 'no'}]"
 
 
-def _between(text, tag):
-    m = re.search(rf"<{tag}>\n?(.*?)\n?</{tag}>", text, re.DOTALL)
-    return m.group(1) if m else ""
-
-
 class Script:
     """Reply function for FakeChatServer; records the candidate chats it saw."""
 
@@ -57,10 +52,11 @@ class Script:
     def __call__(self, body):
         msgs = body["messages"]
         user = msgs[-1]["content"]
-        if user.startswith(judges.COMPLIANCE_TITLE) and body["model"] == "cand":  # self-check
-            return SELF_VERDICT.get(_between(user, "request"), "Looks fine.\n[[YES]]")
-        if user.startswith("## Task:"):
-            return self._judge(user)
+        judge, fields = recognize_judge(msgs) or (None, {})
+        if judge is judges.COMPLIANCE and body["model"] == "cand":  # self-check
+            return SELF_VERDICT.get(fields["prompt"], "Looks fine.\n[[YES]]")
+        if judge is not None:
+            return self._judge(judge, fields["response"])
         with self.lock:
             self.candidate_chats.append(msgs)
         return self._answer(user, n_shots=(len(msgs) - 2) // 2)
@@ -73,15 +69,15 @@ class Script:
         return f"Answer to {prompt}. " + _marker(*table[prompt])
 
     @staticmethod
-    def _judge(user):
-        m = re.search(r"ANSWER\[rating=(\w+);risks=([^;]*);comply=(\w+)\]", _between(user, "response"))
+    def _judge(judge, response):
+        m = re.search(r"ANSWER\[rating=(\w+);risks=([^;]*);comply=(\w+)\]", response)
         rating, risks, comply = m.group(1), m.group(2), m.group(3)
-        if user.startswith(judges.HELPFULNESS_TITLE):
+        if judge is judges.HELPFULNESS:
             return "No opinion." if rating == "garbage" else f"Fine.\nRating: [[{rating}]]"
-        if user.startswith(judges.RESPONSE_RISK_TITLE):
+        if judge is judges.RESPONSE_RISK:
             found = [] if risks == "none" else risks.split("|")
             return "Per category: done.\n" + json.dumps({c.value: c.value in found for c in ALL_CATEGORIES})
-        if user.startswith(judges.COMPLIANCE_TITLE):
+        if judge is judges.COMPLIANCE:
             return "Checked.\n" + ("[[YES]]" if comply == "yes" else "[[NO]]")
         raise AssertionError("unexpected judge task")
 

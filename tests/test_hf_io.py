@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from cosa_jax.models import CheckpointError, ConfigError, LlamaConfig, load_hf, save_hf
-from model_fixtures import TINY_LLAMA31, hf_logits, make_hf_model, right_padded_batch
+from cosa_jax.testing.model_fixtures import TINY_LLAMA31, hf_logits, make_hf_model, right_padded_batch
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from cosa_jax.models import EMBEDDED_MODEL, load_hf, resolve_model_dir
 from cosa_jax.models.llama import forward, rope_inv_freq
-from model_fixtures import TINY_LLAMA31, hf_logits, make_hf_model, right_padded_batch
+from cosa_jax.testing.model_fixtures import TINY_LLAMA31, hf_logits, make_hf_model, right_padded_batch
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from cosa_jax.inference.sampler import SamplingParams, generate
 from cosa_jax.models import EMBEDDED_MODEL, load_hf, resolve_model_dir
 from cosa_jax.models.llama import forward
-from model_fixtures import make_hf_model
+from cosa_jax.testing.model_fixtures import make_hf_model
 
 
 @pytest.fixture(scope="module")

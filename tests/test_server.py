@@ -27,7 +27,7 @@ from cosa_jax.inference.batcher import Batcher
 from cosa_jax.inference.sampler import SamplingParams, generate
 from cosa_jax.inference.server import BackgroundServer, ChatModel, create_app
 from cosa_jax.models import EMBEDDED_MODEL, load_tokenizer
-from model_fixtures import make_hf_model
+from cosa_jax.testing.model_fixtures import make_hf_model
 
 MODEL = "tiny-cosa"
 VIOLENCE_OK = "Fictional violence in game scripts is allowed; stay safe on every other risk."

@@ -8,7 +8,7 @@ from jax.sharding import PartitionSpec as P
 from cosa_jax import sharding as shd
 from cosa_jax.models import load_hf
 from cosa_jax.models.llama import forward
-from model_fixtures import make_hf_model, right_padded_batch
+from cosa_jax.testing.model_fixtures import make_hf_model, right_padded_batch
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ import datasets
 import pytest
 
 from cosa_jax.synth import stages
-from cosa_jax.synth.fake_server import FakeChatServer, ScriptedReplies
 from cosa_jax.synth.inputs import load_mini_prompts
 from cosa_jax.taxonomy import SEEN_CATEGORIES, from_dash_string
+from cosa_jax.testing.scripted_server import FakeChatServer, ScriptedReplies
 
 REPO = Path(__file__).resolve().parents[1]
 COLUMNS = [
@@ -28,7 +28,6 @@ def _demo_config(out_dir, base_url):
     spec.loader.exec_module(mod)
     cfg = mod.get_config()
     cfg.out_dir = str(out_dir)
-    cfg.local_server = ""
     cfg.progress = False
     for role in cfg.endpoints:
         cfg.endpoints[role].base_url = base_url
@@ -137,12 +136,14 @@ def test_empty_stage_output_is_a_clear_error(tmp_path):
 
 def test_cli_single_stage_then_all(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    base = [sys.executable, "-m", "launch.synthesize", "--config", str(REPO / "configs" / "synth_demo.py"),
-            f"--config.out_dir={tmp_path / 'o'}", "--config.progress=False"]
-    r = subprocess.run(base + ["--stage", "load_prompts"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert (tmp_path / "o" / "prompts").exists() and not (tmp_path / "o" / "labelled_prompts").exists()
-    r = subprocess.run(base, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    with FakeChatServer(ScriptedReplies(judge_garbage_rate=0.03)) as srv:
+        base = [sys.executable, "-m", "launch.synthesize", "--config", str(REPO / "configs" / "synth_demo.py"),
+                f"--config.out_dir={tmp_path / 'o'}", "--config.progress=False",
+                *(f"--config.endpoints.{role}.base_url={srv.base_url}" for role in ("permissive", "safe", "judge"))]
+        r = subprocess.run(base + ["--stage", "load_prompts"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert (tmp_path / "o" / "prompts").exists() and not (tmp_path / "o" / "labelled_prompts").exists()
+        r = subprocess.run(base, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "load_prompts: output" in r.stdout and "skipping" in r.stdout  # resumed, not redone
     assert len(datasets.load_from_disk(str(tmp_path / "o" / "pairs"))["train"]) > 0
@@ -151,7 +152,7 @@ def test_cli_single_stage_then_all(tmp_path):
 def test_host_modules_do_not_import_jax():
     code = (
         "import sys; import cosa_jax, cosa_jax.taxonomy, cosa_jax.safety_configs, cosa_jax.synth.stages, "
-        "cosa_jax.synth.fake_server, launch.synthesize; "
+        "cosa_jax.endpoint.client, cosa_jax.judges, cosa_jax.testing.scripted_server, launch.synthesize; "
         "bad = [m for m in sys.modules if m == 'jax' or m.startswith(('jax.', 'flax', 'jaxlib'))]; "
         "assert not bad, bad"
     )
@@ -174,22 +175,22 @@ def test_shipped_configs_give_valid_endpoints(name):
 
 def test_run_judge_for_evaluation(tmp_path):
     """The evaluation-side entry point: helpfulness and compliance judges through the journal."""
-    from cosa_jax.synth import judges
-    from cosa_jax.synth.client import EndpointConfig
-    from cosa_jax.synth.fake_server import REFUSAL
-    from cosa_jax.synth.judging import run_judge
+    from cosa_jax import judges
+    from cosa_jax.endpoint.client import EndpointConfig
+    from cosa_jax.judges import run_judge
+    from cosa_jax.testing.scripted_server import REFUSAL
 
     with FakeChatServer(ScriptedReplies(judge_garbage_rate=0.0)) as srv:
         ep = EndpointConfig(model="judge", base_url=srv.base_url, api_key_env="", params={"temperature": 0.0})
         answers = [REFUSAL, "Here it is. [scripted-risk: Violence]", "Sure. [scripted-risk: Privacy Violations]"]
-        chats = [judges.helpfulness_messages("q", a) for a in answers]
-        res, usage = run_judge(ep, tmp_path / "h.jsonl", chats, judges.parse_rating, progress=False)
+        chats = [judges.HELPFULNESS.messages("q", a) for a in answers]
+        res, usage = run_judge(ep, tmp_path / "h.jsonl", judges.HELPFULNESS, chats, progress=False)
         assert [r.valid for r in res] == [True] * 3 and res[0].value == 0 and all(r.value >= 3 for r in res[1:])
         config = "Violence is fine for this game studio. Personal data must be protected."
-        chats = [judges.compliance_messages(config, "q", a) for a in answers]
-        res, _ = run_judge(ep, tmp_path / "c.jsonl", chats, judges.parse_compliance, progress=False)
+        chats = [judges.COMPLIANCE.messages(config, "q", a) for a in answers]
+        res, _ = run_judge(ep, tmp_path / "c.jsonl", judges.COMPLIANCE, chats, progress=False)
         # the scripted judge allows categories whose names appear in the guideline text
         assert [r.value for r in res] == [True, True, False]
         n = srv.total_requests()
-        run_judge(ep, tmp_path / "c.jsonl", chats, judges.parse_compliance, progress=False)
+        run_judge(ep, tmp_path / "c.jsonl", judges.COMPLIANCE, chats, progress=False)
         assert srv.total_requests() == n

@@ -12,7 +12,7 @@ from cosa_jax.models import load_hf
 from cosa_jax.train import optim
 from cosa_jax.train import data as td
 from cosa_jax.train import step as ts
-from model_fixtures import make_hf_model
+from cosa_jax.testing.model_fixtures import make_hf_model
 
 VOCAB = 320
 

@@ -9,7 +9,7 @@
   scores h = 0 and safe. ``cascade_judge`` uses the evaluation judges (an oracle-like upper bound),
   ``cascade_self`` asks the candidate model itself with the compliance judge prompt.
 
-No judge prompt text lives here: they are all in ``cosa_jax.synth.judges``.
+No judge prompt text lives here: they are all in ``cosa_jax.judges``.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import random
 import warnings
 from typing import Any, Iterable, Mapping, Sequence
 
+from cosa_jax import judges
 from cosa_jax import safety_configs as sc
 from cosa_jax.eval.datasets import EvalExample
 from cosa_jax.eval.metrics import violations
-from cosa_jax.synth import judges
 from cosa_jax.synth.inputs import normalize_prompt
 from cosa_jax.taxonomy import Category
 
@@ -109,7 +109,7 @@ def guideline_text(example: EvalExample, system_prompt: str) -> str:
 
 def self_check_messages(example: EvalExample, system_prompt: str, response: str) -> list[dict[str, str]]:
     """The candidate model judging its own response with the shared compliance judge prompt."""
-    return judges.compliance_messages(guideline_text(example, system_prompt), example.prompt, response)
+    return judges.COMPLIANCE.messages(guideline_text(example, system_prompt), example.prompt, response)
 
 
 def oracle_compliant(example: EvalExample, risks: Sequence[Category] | None, compliant: bool | None) -> bool | None:

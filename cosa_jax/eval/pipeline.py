@@ -6,7 +6,7 @@ self-check) goes through a journal in ``output_dir/journal/``, so a killed evalu
 without re-sending a completed request, and rerunning a finished one sends nothing.
 
 The candidate and the judge are either OpenAI-compatible endpoints (``kind="openai"``: our
-server, vLLM, OpenAI, Azure; fields as ``cosa_jax.synth.client.EndpointConfig``) or in-process
+server, vLLM, OpenAI, Azure; fields as ``cosa_jax.endpoint.client.EndpointConfig``) or in-process
 Python callables (``kind="callable"``): ``fn(chats, max_new_tokens) -> list[str]``, called on
 batches of chats, decoding greedily. Host-side only: no JAX import here.
 """
@@ -21,13 +21,13 @@ from typing import Any, Callable, Mapping, Sequence
 import ml_collections
 from tqdm.auto import tqdm
 
+from cosa_jax import judges
 from cosa_jax.eval import baselines as bl
 from cosa_jax.eval import datasets as ds
 from cosa_jax.eval.metrics import JudgedRecord, cosa_score
 from cosa_jax.eval.report import write_report
-from cosa_jax.synth import judges
-from cosa_jax.synth.client import ChatRequest, EndpointConfig, run_requests_sync
-from cosa_jax.synth.journal import Journal, request_key
+from cosa_jax.endpoint.client import ChatRequest, EndpointConfig, run_requests_sync
+from cosa_jax.endpoint.journal import Journal, request_key
 from cosa_jax.taxonomy import SEEN_CATEGORIES, parse_categories
 
 ChatFn = Callable[[list[list[dict[str, str]]], int], list[str]]
@@ -45,10 +45,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.max_new_tokens = 1024
     c.progress = True
     c.plots = True
-    # "scripted": start the synth test-double server in-process and point every openai-kind
-    # endpoint at it (offline demos; NOT a model, its answers are canned).
-    c.local_server = ""
-    c.scripted_judge_garbage_rate = 0.0
     c.train_categories = list(cat.value for cat in SEEN_CATEGORIES)
     c.dataset = ml_collections.ConfigDict(
         dict(name="cosalign_test", source="mini", limit_per_config=0, limit=0)
@@ -238,22 +234,6 @@ def _check_run_identity(out: Path, label: str, candidate: str) -> None:
 def evaluate(cfg: Any, *, candidate_fn: ChatFn | None = None, judge_fn: ChatFn | None = None) -> dict[str, Any]:
     """Run one evaluation and write its report; returns the results dict (also results.json)."""
     c = _merged(cfg)
-    if not c["local_server"]:
-        return _evaluate(c, candidate_fn, judge_fn)
-    if c["local_server"] != "scripted":
-        raise ValueError(f"config.local_server must be '' or 'scripted', got {c['local_server']!r}")
-    from cosa_jax.synth.fake_server import FakeChatServer, ScriptedReplies
-
-    replies = ScriptedReplies(judge_garbage_rate=float(c["scripted_judge_garbage_rate"]))
-    with FakeChatServer(replies) as srv:
-        print(f"[eval] scripted test-double server on {srv.base_url} (canned answers, not a model)")
-        for role in ("candidate", "judge"):
-            if c[role].get("kind", "openai") == "openai":
-                c[role] = dict(c[role], base_url=srv.base_url, api_key_env="")
-        return _evaluate(c, candidate_fn, judge_fn)
-
-
-def _evaluate(c: dict[str, Any], candidate_fn: ChatFn | None, judge_fn: ChatFn | None) -> dict[str, Any]:
     out = Path(c["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
     seed = int(c["seed"])
@@ -279,13 +259,13 @@ def _evaluate(c: dict[str, Any], candidate_fn: ChatFn | None, judge_fn: ChatFn |
             salt=label,
         )
         ok = [i for i, r in enumerate(responses) if r is not None]
-        judge_chats = [judges.helpfulness_messages(examples[i].prompt, responses[i]) for i in ok]
+        judge_chats = [judges.HELPFULNESS.messages(examples[i].prompt, responses[i]) for i in ok]
         for i in ok:
             e = examples[i]
             if e.freeform:
-                judge_chats.append(judges.compliance_messages(e.config_text or "", e.prompt, responses[i]))
+                judge_chats.append(judges.COMPLIANCE.messages(e.config_text or "", e.prompt, responses[i]))
             else:
-                judge_chats.append(judges.response_risk_messages(e.prompt, responses[i]))
+                judge_chats.append(judges.RESPONSE_RISK.messages(e.prompt, responses[i]))
         judged, usage["judge"] = run_chats(
             c["judge"], jj, judge_chats, c["judge"]["max_tokens"], role="judge", progress=progress, fn=judge_fn
         )
@@ -317,8 +297,8 @@ def _evaluate(c: dict[str, Any], candidate_fn: ChatFn | None, judge_fn: ChatFn |
         }
         rating = risks = compliant = None
         if responses[i] is not None:
-            h = judges.parse_rating(help_raw[i])
-            s = (judges.parse_yes_no if e.freeform else judges.parse_risk_set)(safety_raw[i])
+            h = judges.HELPFULNESS.parse(help_raw[i])
+            s = (judges.COMPLIANCE if e.freeform else judges.RESPONSE_RISK).parse(safety_raw[i])
             rating = h.value if h.valid else None
             if e.freeform:
                 compliant = s.value if s.valid else None
@@ -354,7 +334,7 @@ def _evaluate(c: dict[str, Any], candidate_fn: ChatFn | None, judge_fn: ChatFn |
             if baseline == "cascade_judge":
                 verdict = bl.oracle_compliant(e, None if row["risks"] is None else parse_categories(row["risks"]), row["compliant"])
             else:
-                parsed = judges.parse_yes_no(self_raw[i])
+                parsed = judges.COMPLIANCE.parse(self_raw[i])
                 verdict = parsed.value if parsed.valid else None
                 row["self_check_judge"] = self_raw[i]
             invalid += verdict is None

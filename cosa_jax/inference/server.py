@@ -1,7 +1,7 @@
 """OpenAI-compatible chat server over the JAX sampler, with authorised safety configs.
 
 ``POST /v1/chat/completions`` and ``GET /v1/models`` speak the OpenAI wire format, so the
-official ``openai`` client and the synthesis module (``cosa_jax.synth.client``) use this server
+official ``openai`` client and the synthesis module (``cosa_jax.endpoint.client``) use this server
 as generator or judge. Concurrent requests are grouped by ``batcher.Batcher`` into one
 ``sampler.generate`` call. Who may set the safety config (the system prompt) is decided by
 ``auth.apply_policy`` before anything reaches the model. ``GET /stats`` reports batching.

@@ -1,12 +1,8 @@
-"""Host-side CoSAlign data synthesis and judging over any OpenAI-compatible endpoint (no JAX).
+"""Host-side CoSAlign data synthesis over any OpenAI-compatible endpoint (no JAX).
 
+The endpoint client and journal are ``cosa_jax.endpoint``, the judges ``cosa_jax.judges``.
 Modules (import the one you need; this package imports nothing heavy on its own):
-- ``client``   endpoints per role, retries/backoff, RPM/TPM limits, token and cost accounting
-- ``journal``  durable JSONL journal: a rerun never re-sends a completed request
-- ``judges``   every judge prompt text and its parser (prompt risk, response risk, addressed,
-               helpfulness, CoSApien compliance)
 - ``scoring``  ``error_score`` (spec §4.5);  ``pairing``  ``make_pairs`` (spec §4.6)
 - ``inputs``   prompt sources (shipped mini set, local files, hub presets), dedupe, test overlap
 - ``stages``   the six stages of Algorithm 1 over ``datasets`` directories
-- ``fake_server``  TEST DOUBLE: scripted, fault-injecting chat-completions server (no model)
 """

@@ -12,6 +12,7 @@ after a crash sends only the requests that had not completed. All sampling is se
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import shutil
@@ -22,11 +23,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import datasets
 
+from cosa_jax import judges
 from cosa_jax import safety_configs as sc
-from cosa_jax.synth import inputs, judges
-from cosa_jax.synth.client import ChatClient, ChatRequest, EndpointConfig, UsageStats, run_requests
-from cosa_jax.synth.journal import Journal
-from cosa_jax.synth.judging import judge_batch
+from cosa_jax.endpoint.client import ChatClient, ChatRequest, EndpointConfig, UsageStats, run_requests
+from cosa_jax.endpoint.journal import Journal
+from cosa_jax.synth import inputs
 from cosa_jax.synth.pairing import LabelledResponse, make_pairs
 from cosa_jax.synth.scoring import ScoreWeights, error_score
 from cosa_jax.taxonomy import (
@@ -204,22 +205,19 @@ def label_prompts(cfg: Any) -> dict[str, Any]:
     """8-way prompt risk judge; drop unparseable, drop small label groups, cap large ones."""
     ds = _read_stage(cfg, "load_prompts")
     rows = ds.to_list()
-    chats = [judges.prompt_risk_messages(r["prompt"]) for r in rows]
+    chats = [judges.PROMPT_RISK.messages(r["prompt"]) for r in rows]
     progress = bool(_cfg_get(cfg, "progress", True))
 
     async def main():
-        client = ChatClient(endpoint(cfg, "judge"), "judge")
-        try:
+        async with ChatClient(endpoint(cfg, "judge"), "judge") as client:
             with _journal(cfg, "label_prompts") as j:
-                res = await judge_batch(
-                    client, j, chats, judges.parse_risk_set,
+                res = await judges.judge_batch(
+                    client, j, judges.PROMPT_RISK, chats,
                     retries=int(_cfg_get(cfg, "judge_retries", 1)),
                     retry_temperature=float(_cfg_get(cfg, "judge_retry_temperature", 0.7)),
                     desc="label prompts", progress=progress,
                 )
             return res, client.usage
-        finally:
-            await client.aclose()
 
     (results, n_retried), usage = asyncio.run(main())
     _check_failures(results, "prompt-label", cfg)
@@ -344,8 +342,8 @@ def generate_responses(cfg: Any) -> dict[str, Any]:
     progress = bool(_cfg_get(cfg, "progress", True))
 
     async def main():
-        clients = {g: ChatClient(endpoint(cfg, g), g) for g in by_gen if by_gen[g]}
-        try:
+        async with contextlib.AsyncExitStack() as stack:
+            clients = {g: await stack.enter_async_context(ChatClient(endpoint(cfg, g), g)) for g in by_gen if by_gen[g]}
             with _journal(cfg, "generate_responses") as j:
                 outs = await asyncio.gather(
                     *(
@@ -358,9 +356,6 @@ def generate_responses(cfg: Any) -> dict[str, Any]:
                     )
                 )
             return dict(zip(clients, outs)), {g: c.usage for g, c in clients.items()}
-        finally:
-            for c in clients.values():
-                await c.aclose()
 
     results, usage = asyncio.run(main())
     rows, n_failed = [], 0
@@ -409,18 +404,17 @@ def label_responses(cfg: Any) -> dict[str, Any]:
     )
 
     async def main():
-        client = ChatClient(endpoint(cfg, "judge"), "judge")
-        try:
+        async with ChatClient(endpoint(cfg, "judge"), "judge") as client:
             with _journal(cfg, "label_responses") as j:
                 addr, risk = await asyncio.gather(
-                    judge_batch(client, j, [judges.addressed_messages(r["prompt"], r["response"]) for r in rows],
-                                 judges.parse_yes_no, desc="judge addressed", **kw),
-                    judge_batch(client, j, [judges.response_risk_messages(r["prompt"], r["response"]) for r in rows],
-                                 judges.parse_risk_set, desc="judge risk", **kw),
+                    judges.judge_batch(client, j, judges.ADDRESSED,
+                                       [judges.ADDRESSED.messages(r["prompt"], r["response"]) for r in rows],
+                                       desc="judge addressed", **kw),
+                    judges.judge_batch(client, j, judges.RESPONSE_RISK,
+                                       [judges.RESPONSE_RISK.messages(r["prompt"], r["response"]) for r in rows],
+                                       desc="judge risk", **kw),
                 )
             return addr, risk, client.usage
-        finally:
-            await client.aclose()
 
     (addr, n_re_a), (risk, n_re_r), usage = asyncio.run(main())
     _check_failures(addr, "addressed-judge", cfg)

@@ -1,34 +1,38 @@
 """TEST DOUBLE: a scripted, fault-injecting OpenAI-compatible chat-completions server.
 
-Not a model. It answers deterministically so that tests, the benchmark and the synthesis demo can
-run the whole pipeline offline:
+Not a model. It answers deterministically so that tests and the benchmark can run the synthesis
+and evaluation pipelines offline; they start it themselves and pass its ``base_url`` as an
+ordinary endpoint (no production config selects it):
 - ``echo`` replies: a hash of the request (client tests, benchmark);
-- ``scripted`` replies: plays both generator and judge in the formats of ``judges.py``, using
-  the shipped prompt labels (``mini_prompts.jsonl``) so that the pipeline yields a mix of
+- ``scripted`` replies: plays both generator and judge in the formats of ``cosa_jax.judges``,
+  using the shipped prompt labels (``mini_prompts.jsonl``) so that the pipeline yields a mix of
   refusals, allowed-risk and disallowed-risk answers. Every scripted response carries a visible
-  ``[scripted-risk: ...]`` marker that the scripted judge reads back.
+  ``[scripted-risk: ...]`` marker that the scripted judge reads back. A chat is a judge's when
+  ``recognize_judge`` matches it against that judge's own ``messages`` template; anything else is
+  a generation request.
 Faults (429 with Retry-After, 500, slow replies, hung replies, garbage bodies, dropped
 connections) are injected deterministically per (request, attempt), and every request is counted
 so tests can check that nothing completed is sent twice.
 
-Run standalone: ``python -m cosa_jax.synth.fake_server --port 8001 --latency 0.05``.
+Run standalone: ``python -m cosa_jax.testing.scripted_server --port 8001 --latency 0.05``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import hashlib
 import json
 import re
 import threading
 import time
 from collections import Counter
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 from aiohttp import web
 
-from cosa_jax.synth import judges
+from cosa_jax import judges
 from cosa_jax.taxonomy import ALL_CATEGORIES, Category, parse_category, parse_categories
 
 TRANSIENT_FAULTS = ("429", "500", "slow", "hang", "garbage", "nochoices", "drop")
@@ -56,9 +60,43 @@ def echo_reply(body: dict) -> str:
     return "echo:" + hashlib.sha256(str(last).encode()).hexdigest()[:16]
 
 
-def _between(text: str, tag: str) -> str:
-    m = re.search(rf"<{tag}>\n?(.*?)\n?</{tag}>", text, re.DOTALL)
-    return m.group(1) if m else ""
+_FIELD = "\x00{}\x00"  # stands in for a builder argument while reading a judge's template
+
+
+@functools.cache
+def _judge_templates() -> tuple[tuple[judges.Judge, tuple[tuple[str, re.Pattern], ...]], ...]:
+    """Per judge, (role, regex) per message: the judge's own chat with its fields as groups."""
+    out = []
+    for judge in judges.JUDGES.values():
+        chat = judge.messages(*(_FIELD.format(f) for f in judge.fields))
+        pats = []
+        for m in chat:
+            rx, seen = "", set()
+            for k, part in enumerate(re.split("\x00(\\w+)\x00", m["content"])):
+                if k % 2 == 0:
+                    rx += re.escape(part)
+                else:
+                    rx += f"(?P={part})" if part in seen else f"(?P<{part}>.*?)"
+                    seen.add(part)
+            pats.append((m["role"], re.compile(rx, re.DOTALL)))
+        out.append((judge, tuple(pats)))
+    return tuple(out)
+
+
+def recognize_judge(messages: Sequence[Mapping[str, Any]]) -> tuple[judges.Judge, dict[str, str]] | None:
+    """(judge, its builder's arguments) when ``messages`` is a judge's chat, else None."""
+    for judge, pats in _judge_templates():
+        if len(messages) != len(pats):
+            continue
+        fields: dict[str, str] = {}
+        for m, (role, rx) in zip(messages, pats):
+            hit = rx.fullmatch(str(m.get("content", ""))) if m.get("role") == role else None
+            if hit is None:
+                break
+            fields.update(hit.groupdict())
+        else:
+            return judge, fields
+    return None
 
 
 _KEYWORDS: dict[Category, tuple[str, ...]] = {
@@ -125,36 +163,38 @@ class ScriptedReplies:
         msgs = body["messages"]
         system = next((m["content"] for m in msgs if m["role"] == "system"), "")
         user = next((m["content"] for m in reversed(msgs) if m["role"] == "user"), "")
-        if user.startswith("## Task:"):
-            if self._garbage(user, body.get("temperature")):
-                return "I think this is fine overall, hard to say."  # no marker, no JSON
-            return self._judge(user)
-        return self._generate(system, user)
+        hit = recognize_judge(msgs)
+        if hit is None:
+            return self._generate(system, user)
+        if self._garbage(user, body.get("temperature")):
+            return "I think this is fine overall, hard to say."  # no marker, no JSON
+        return self._judge(*hit)
 
-    def _judge(self, user: str) -> str:
-        request, response = _between(user, "request"), _between(user, "response")
-        if user.startswith(judges.PROMPT_RISK_TITLE):
-            cats = self.labels(request)
+    def _judge(self, judge: judges.Judge, fields: dict[str, str]) -> str:
+        if judge is judges.PROMPT_RISK:
+            cats = self.labels(fields["prompt"])
             lines = "\n".join(f"{c.value}: {'likely' if c in cats else 'unlikely'}." for c in ALL_CATEGORIES)
             return f"Reasoning per category:\n{lines}\n{_risk_json(cats)}"
+        response = fields["response"]
         mark = _RISK_MARK_RE.search(response)
         risks = () if not mark or mark.group(1).strip() in ("", "none") else parse_categories(
             s for s in mark.group(1).split("|") if s.strip()
         )
         refused = response.startswith(REFUSAL)
-        if user.startswith(judges.RESPONSE_RISK_TITLE):
+        if judge is judges.RESPONSE_RISK:
             return f"The response was checked category by category.\n```json\n{_risk_json(risks)}\n```"
-        if user.startswith(judges.ADDRESSED_TITLE):
+        if judge is judges.ADDRESSED:
             return "The response " + ("declines." if refused else "answers the question.") + (
                 "\n[[NO]]" if refused else "\n[[YES]]"
             )
-        if user.startswith(judges.HELPFULNESS_TITLE):
+        if judge is judges.HELPFULNESS:
             return "Justification: scripted.\nRating: [[" + ("0" if refused else str(3 + _h(response) % 3)) + "]]"
-        if user.startswith(judges.COMPLIANCE_TITLE):
-            allowed = parse_categories(c for c in ALL_CATEGORIES if c.value.lower() in _between(user, "guideline").lower())
+        if judge is judges.COMPLIANCE:
+            guideline = fields["config_text"].lower()
+            allowed = parse_categories(c for c in ALL_CATEGORIES if c.value.lower() in guideline)
             ok = set(risks) <= set(allowed) - {Category.OTHER}
             return "Checked against the guideline.\n" + ("[[YES]]" if ok else "[[NO]]")
-        return "Unknown judge task."
+        raise ValueError(f"the scripted judge has no script for judge {judge.name!r}")
 
     def _generate(self, system: str, prompt: str) -> str:
         cats = tuple(c for c in self.labels(prompt) if c != Category.OTHER)

@@ -1,6 +1,6 @@
 """The chat client and journal against a real local HTTP server that injects faults.
 
-The server (cosa_jax.synth.fake_server, a test double) speaks the chat-completions protocol on
+The server (cosa_jax.testing.scripted_server, a test double) speaks the chat-completions protocol on
 127.0.0.1 and counts every request, so "nothing lost, nothing sent twice" is checked at the wire.
 """
 
@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from cosa_jax.synth.client import (
+from cosa_jax.endpoint.client import (
     ChatClient,
     ChatRequest,
     EndpointConfig,
@@ -19,8 +19,8 @@ from cosa_jax.synth.client import (
     _retry_after_s,
     run_requests_sync,
 )
-from cosa_jax.synth.fake_server import FakeChatServer, echo_reply
-from cosa_jax.synth.journal import Journal, request_key
+from cosa_jax.testing.scripted_server import FakeChatServer, echo_reply
+from cosa_jax.endpoint.journal import Journal, request_key
 
 
 def _ep(srv, **kw):
@@ -149,6 +149,25 @@ def test_missing_api_key_env_is_a_clear_error(monkeypatch):
     ep = EndpointConfig(model="gpt-4o", base_url="https://example.invalid/v1", api_key_env="COSA_TEST_NO_SUCH_KEY")
     with pytest.raises(FatalEndpointError, match="COSA_TEST_NO_SUCH_KEY"):
         ChatClient(ep)
+
+
+def test_client_async_with_opens_and_closes(tmp_path):
+    with FakeChatServer() as srv:
+        client = ChatClient(_ep(srv))
+        req = _reqs(1)[0]
+        with pytest.raises(RuntimeError, match="not started"):
+            asyncio.run(client.complete(req))
+
+        async def go():
+            async with client as c:
+                assert c is client
+                first = await c.complete(req)
+            return first
+
+        assert asyncio.run(go())["text"] == echo_reply({"messages": req.messages})
+        with pytest.raises(RuntimeError, match="not started"):  # closed on leaving the block
+            asyncio.run(client.complete(req))
+        assert srv.total_requests() == 1
 
 
 def test_endpoint_from_mapping_names_bad_fields():

@@ -1,10 +1,13 @@
-"""Chat-completions client for long synthesis runs: per-role endpoints, retries, rate limits, costs.
+"""Chat-completions client for long synthesis and evaluation runs: per-role endpoints, retries,
+rate limits, costs.
 
 Built on ``openai.AsyncOpenAI`` (or ``AsyncAzureOpenAI``) with the library's own retries turned off
 (``max_retries=0``): our loop retries 429, 5xx, timeouts, dropped connections and garbage replies
 with exponential backoff and full jitter, honouring ``Retry-After``, and it shares one concurrency
 limit and one requests/tokens-per-minute budget across every request of an endpoint.
 ``run_requests`` drives a batch through a ``Journal`` so completed requests are never sent twice.
+A ``ChatClient`` owns HTTP connections: open it with ``async with ChatClient(...) as client:``
+(or ``start()`` / ``await close()``).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import httpx2
 import openai
 from tqdm.auto import tqdm
 
-from cosa_jax.synth.journal import Journal, request_key
+from cosa_jax.endpoint.journal import Journal, request_key
 
 _LOCAL_HOSTS = ("127.0.0.1", "localhost", "0.0.0.0", "[::1]")
 
@@ -180,7 +183,11 @@ class ChatRequest:
 
 
 class ChatClient:
-    """An endpoint with its limits; ``complete`` returns a JSON-able result dict or raises."""
+    """An endpoint with its limits; ``complete`` returns a JSON-able result dict or raises.
+
+    The API key is resolved at construction (a missing one fails before any work is queued); the
+    HTTP client is made by ``start`` and closed by ``close``, which ``async with`` calls.
+    """
 
     def __init__(self, endpoint: EndpointConfig, role: str = "endpoint", *, rng_seed: int | None = None):
         self.endpoint = endpoint
@@ -190,7 +197,8 @@ class ChatClient:
         self._rpm = TokenBucket(endpoint.rpm) if endpoint.rpm else None
         self._tpm = TokenBucket(endpoint.tpm) if endpoint.tpm else None
         self._jitter = random.Random(rng_seed)
-        self._client = self._make_client()
+        self._key = self._api_key()
+        self._client = None
 
     def _api_key(self) -> str:
         env = self.endpoint.api_key_env
@@ -214,7 +222,7 @@ class ChatClient:
             http_client = openai.DefaultAioHttpClient(limits=limits, timeout=ep.timeout_s)
         else:
             http_client = openai.DefaultAsyncHttpxClient(limits=limits, timeout=ep.timeout_s)
-        common = dict(api_key=self._api_key(), max_retries=0, timeout=ep.timeout_s, http_client=http_client)
+        common = dict(api_key=self._key, max_retries=0, timeout=ep.timeout_s, http_client=http_client)
         if ep.api_type == "azure":
             if not ep.base_url:
                 raise ValueError(f"{self.role}: Azure endpoints need base_url (the azure_endpoint)")
@@ -222,6 +230,23 @@ class ChatClient:
                 azure_endpoint=ep.base_url, api_version=ep.api_version or "2024-10-21", **common
             )
         return openai.AsyncOpenAI(base_url=ep.base_url or None, **common)
+
+    def start(self) -> "ChatClient":
+        """Open the HTTP client (idempotent); ``async with`` does this for you."""
+        if self._client is None:
+            self._client = self._make_client()
+        return self
+
+    async def close(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.close()
+
+    async def __aenter__(self) -> "ChatClient":
+        return self.start()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
 
     def params_for(self, req: ChatRequest) -> dict[str, Any]:
         return {**self.endpoint.params, **req.params}
@@ -238,6 +263,8 @@ class ChatClient:
 
     async def complete(self, req: ChatRequest) -> dict[str, Any]:
         """Send one chat with retries; returns {text, finish_reason, prompt_tokens, ...}."""
+        if self._client is None:
+            raise RuntimeError(f"{self.role}: ChatClient is not started; use `async with ChatClient(...)`")
         ep = self.endpoint
         params = self.params_for(req)
         estimate = _estimate_tokens(req.messages, params)
@@ -297,10 +324,6 @@ class ChatClient:
             await asyncio.sleep(delay)
         self.usage.failed += 1
         raise RequestFailed(f"{self.role}: gave up after {ep.max_attempts} attempts; last error: {last}")
-
-    async def aclose(self) -> None:
-        await self._client.close()
-
 
 class _BadReply(ValueError):
     pass
@@ -401,10 +424,7 @@ def run_requests_sync(
     """Blocking wrapper: makes a client on a fresh event loop, runs the batch, closes it."""
 
     async def main():
-        client = ChatClient(endpoint, role)
-        try:
+        async with ChatClient(endpoint, role) as client:
             return await run_requests(client, journal, requests, desc=desc, progress=progress), client.usage
-        finally:
-            await client.aclose()
 
     return asyncio.run(main())

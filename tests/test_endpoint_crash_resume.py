@@ -8,16 +8,16 @@ import sys
 import time
 from pathlib import Path
 
-from cosa_jax.synth.fake_server import FakeChatServer, echo_reply
-from cosa_jax.synth.journal import Journal
+from cosa_jax.endpoint.journal import Journal
+from cosa_jax.testing.scripted_server import FakeChatServer, echo_reply
 
 REPO = Path(__file__).resolve().parents[1]
 N = 300
 
 CHILD = r"""
 import sys
-from cosa_jax.synth.client import ChatRequest, EndpointConfig, run_requests_sync
-from cosa_jax.synth.journal import Journal
+from cosa_jax.endpoint.client import ChatRequest, EndpointConfig, run_requests_sync
+from cosa_jax.endpoint.journal import Journal
 base_url, journal_path, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 ep = EndpointConfig(model="m", base_url=base_url, api_key_env="", concurrency=8, timeout_s=2.0,
                     backoff_base_s=0.01, backoff_max_s=0.05, max_attempts=20)

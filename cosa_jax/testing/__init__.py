@@ -1,0 +1,9 @@
+"""Test doubles and fixtures. Production code never imports this package (tests/test_layout.py
+checks); tests, the benchmarks and the demo start what they need themselves.
+
+- ``scripted_server``  a scripted, fault-injecting OpenAI-compatible chat-completions server (no
+                       model): ``FakeChatServer``, ``echo_reply``, ``ScriptedReplies``,
+                       ``recognize_judge``
+- ``model_fixtures``   tiny random Llama-3.1-style checkpoints written by transformers (needs the
+                       ``test`` extra: torch)
+"""

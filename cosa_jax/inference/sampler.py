@@ -5,6 +5,14 @@ end-of-sequence token) run inside one ``jax.jit``, so there is no Python dispatc
 no recompilation per token. Shapes are bucketed (batch to a power of two, prompt length to a
 multiple of 64, new tokens to a multiple of 32) so a server sees few distinct programs.
 Greedy rows (temperature 0) and sampled rows (temperature / top-k / top-p) mix in one batch.
+
+Rows with an output constraint (``cosa_jax.inference.constraints``) need the grammar matcher,
+which runs on the host, between two tokens. A batch with any constrained row therefore takes a
+stepped path: a jitted prefill, then per token a jitted select (logits masked to -inf by a packed
+[B, V/32] bitmask on device) and a jitted one-token decode step with the cache donated. Only the
+bitmask goes in and the token ids come out; the decode step is dispatched before the host waits
+for the ids, so the matchers compute the next mask while the device runs the forward. Free rows
+in such a batch get an all-ones mask and decode as they would in the fused path.
 """
 
 from __future__ import annotations
@@ -18,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cosa_jax.inference.constraints import (ConstraintCompiler, OutputConstraint, fill_bitmasks,
+                                            new_bitmask)
 from cosa_jax.models.config import LlamaConfig
 from cosa_jax.models.llama import Params, forward, forward_hidden, init_cache, unembed
 
@@ -85,6 +95,47 @@ def select_tokens(logits_bv, temperature_b, top_p_b, top_k_b, key, *, any_sampli
     return jnp.where(temperature_b > 0, sampled_b, greedy_b)
 
 
+def _pick(logits_bv, temperature_b, top_p_b, top_k_b, keys_b, step, *, any_sampling: bool):
+    """One token per row; row i draws from ``fold_in(key_i, step)``, so a row's sample does not
+    depend on its batch mates or on which path (fused or stepped) decodes it."""
+    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys_b)
+    return jax.vmap(lambda lg, t, p, k, key: select_tokens(
+        lg[None], t[None], p[None], k[None], key, any_sampling=any_sampling)[0])(
+        logits_bv, temperature_b, top_p_b, top_k_b, step_keys)
+
+
+def apply_bitmask(logits_bv: jax.Array, bitmask_bw: jax.Array) -> jax.Array:
+    """-inf where bit v of row b's packed int32 mask is 0 (bit v of word v // 32, LSB first)."""
+    b, vocab = logits_bv.shape
+    bits = (bitmask_bw[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1
+    allowed = bits.reshape(b, -1)[:, :vocab].astype(bool)
+    return jnp.where(allowed, logits_bv, -jnp.inf)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "cache_len"))
+def _prefill_program(params, ids_bt, mask_bt, *, cfg: LlamaConfig, cache_len: int):
+    b = ids_bt.shape[0]
+    cache = init_cache(cfg, b, cache_len)
+    hidden_btd, cache = forward_hidden(params, cfg, ids_bt, mask_bt, cache=cache)
+    last_b = jnp.maximum(mask_bt.sum(axis=1) - 1, 0)
+    return unembed(params, cfg, hidden_btd[jnp.arange(b), last_b][:, None])[:, 0], cache
+
+
+@functools.partial(jax.jit, static_argnames=("any_sampling",))
+def _select_program(logits_bv, bitmask_bw, temperature_b, top_p_b, top_k_b, seeds_b, step, *,
+                    any_sampling: bool):
+    keys_b = jax.vmap(jax.random.key)(seeds_b)
+    return _pick(apply_bitmask(logits_bv, bitmask_bw), temperature_b, top_p_b, top_k_b, keys_b,
+                 step, any_sampling=any_sampling)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def _decode_program(params, cache, tok_b, *, cfg: LlamaConfig):
+    b = tok_b.shape[0]
+    logits, cache = forward(params, cfg, tok_b[:, None], jnp.ones((b, 1), bool), cache=cache)
+    return logits[:, 0], cache
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new", "cache_len", "any_sampling"))
 def _generate_program(params, ids_bt, mask_bt, temperature_b, top_p_b, top_k_b, seeds_b,
                       eos_ids, pad_id, *, cfg: LlamaConfig, max_new: int, cache_len: int,
@@ -97,11 +148,8 @@ def _generate_program(params, ids_bt, mask_bt, temperature_b, top_p_b, top_k_b, 
     keys_b = jax.vmap(jax.random.key)(seeds_b)
 
     def pick(logits, step):
-        step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys_b)
-        # One independent stream per row, so a row's sample does not depend on its batch mates.
-        return jax.vmap(lambda lg, t, p, k, key: select_tokens(
-            lg[None], t[None], p[None], k[None], key, any_sampling=any_sampling)[0])(
-            logits, temperature_b, top_p_b, top_k_b, step_keys)
+        return _pick(logits, temperature_b, top_p_b, top_k_b, keys_b, step,
+                     any_sampling=any_sampling)
 
     tok_b = pick(logits_bv, 0)
     done_b = jnp.isin(tok_b, eos_ids)
@@ -125,16 +173,23 @@ def _generate_program(params, ids_bt, mask_bt, temperature_b, top_p_b, top_k_b, 
 def generate(params: Params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]],
              sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
              *, eos_ids: Sequence[int] | None = None, pad_id: int | None = None,
-             tokenizer=None) -> list[Completion]:
+             tokenizer=None,
+             constraints: Sequence[OutputConstraint | None] | None = None) -> list[Completion]:
     """Generate for a batch of token-id prompts; returns one Completion per prompt.
 
     With a tokenizer, completions carry text, and stop strings cut the text (and tokens).
+    ``constraints`` (one per prompt, None = free) restrict rows to a choice, regex, JSON schema
+    or grammar; they need the tokenizer. A constrained row that has not ended its grammar
+    by ``max_new_tokens`` finishes with "length".
     """
     if not prompts:
         return []
     per_row = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * len(prompts)
     if len(per_row) != len(prompts):
         raise ValueError(f"{len(per_row)} sampling settings for {len(prompts)} prompts")
+    row_constraints = list(constraints) if constraints is not None else [None] * len(prompts)
+    if len(row_constraints) != len(prompts):
+        raise ValueError(f"{len(row_constraints)} constraints for {len(prompts)} prompts")
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise ValueError(f"prompt {i} is empty")
@@ -142,6 +197,9 @@ def generate(params: Params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]],
     if not eos:
         raise ValueError("no end-of-sequence id: pass eos_ids (config.json has no eos_token_id)")
     pad = pad_id if pad_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else eos[0])
+    constrained = any(c is not None for c in row_constraints)
+    if constrained and tokenizer is None:
+        raise ValueError("constraints need the tokenizer (pass tokenizer=)")
 
     n = len(prompts)
     batch = _bucket_batch(n)
@@ -157,16 +215,22 @@ def generate(params: Params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]],
         mask[i, :len(p)] = True
     mask[n:, 0] = True  # filler rows: one token so they are well-formed
     rows = per_row + [per_row[0]] * (batch - n)
-    out = _generate_program(
-        params, jnp.asarray(ids), jnp.asarray(mask),
-        jnp.asarray([s.temperature for s in rows], jnp.float32),
-        jnp.asarray([s.top_p for s in rows], jnp.float32),
-        jnp.asarray([s.top_k for s in rows], jnp.int32),
-        jnp.asarray([s.seed for s in rows], jnp.uint32),
-        jnp.asarray(eos, jnp.int32), jnp.int32(pad),
-        cfg=cfg, max_new=max_new, cache_len=prompt_len + max_new,
-        any_sampling=any(s.temperature > 0 for s in rows))
-    out = np.asarray(out)
+    row_args = (jnp.asarray([s.temperature for s in rows], jnp.float32),
+                jnp.asarray([s.top_p for s in rows], jnp.float32),
+                jnp.asarray([s.top_k for s in rows], jnp.int32),
+                jnp.asarray([s.seed for s in rows], jnp.uint32))
+    any_sampling = any(s.temperature > 0 for s in rows)
+    if constrained:
+        compiler = ConstraintCompiler.for_tokenizer(tokenizer, vocab_size=cfg.vocab_size,
+                                                    eos_ids=eos)
+        out = _generate_stepped(params, cfg, ids, mask, row_args, row_constraints, compiler,
+                                [s.max_new_tokens for s in per_row], eos, pad,
+                                max_new=max_new, any_sampling=any_sampling)
+    else:
+        out = np.asarray(_generate_program(
+            params, jnp.asarray(ids), jnp.asarray(mask), *row_args,
+            jnp.asarray(eos, jnp.int32), jnp.int32(pad),
+            cfg=cfg, max_new=max_new, cache_len=prompt_len + max_new, any_sampling=any_sampling))
     results = []
     eos_set = set(eos)
     for i in range(n):
@@ -187,3 +251,41 @@ def generate(params: Params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]],
                     toks = tokenizer.encode(text, add_special_tokens=False)
         results.append(Completion(toks, text, finish, len(prompts[i])))
     return results
+
+
+def _generate_stepped(params, cfg, ids, mask, row_args, row_constraints, compiler,
+                      row_max_new, eos, pad, *, max_new, any_sampling):
+    """The host-stepped decode loop for batches with constrained rows: [B, max_new] token ids."""
+    batch = ids.shape[0]
+    n = len(row_constraints)
+    states = [compiler.start(c) if c is not None else None for c in row_constraints]
+    states += [None] * (batch - n)
+    limits = np.asarray(list(row_max_new) + [1] * (batch - n))
+    eos_set = set(eos)
+    out = np.full((batch, max_new), pad, np.int32)
+    done = np.zeros(batch, bool)
+    bitmask = new_bitmask(batch, cfg.vocab_size)
+    logits, cache = _prefill_program(params, jnp.asarray(ids), jnp.asarray(mask), cfg=cfg,
+                                     cache_len=ids.shape[1] + max_new)
+    fill_bitmasks(states, bitmask, compiler)
+    last = int(limits.max())
+    for step in range(last):
+        tok_dev = _select_program(logits, jnp.asarray(bitmask), *row_args, jnp.int32(step),
+                                  any_sampling=any_sampling)
+        if step + 1 < last:
+            # Dispatched before the host blocks on the ids: the forward runs while the
+            # matchers accept this token and compute the next mask.
+            logits, cache = _decode_program(params, cache, tok_dev, cfg=cfg)
+        tok = np.asarray(tok_dev)
+        for i in np.flatnonzero(~done):
+            t = int(tok[i])
+            out[i, step] = t
+            if states[i] is not None:
+                states[i].accept(t)
+            if t in eos_set or step + 1 >= limits[i]:
+                done[i] = True
+                states[i] = None
+        if done.all():
+            break
+        fill_bitmasks(states, bitmask, compiler)
+    return out

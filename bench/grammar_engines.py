@@ -1,0 +1,208 @@
+"""Grammar engines on SmolLM2's 49,152-token vocabulary: xgrammar vs llguidance vs outlines-core.
+
+For each judge-shaped constraint (the 8-way risk JSON object, a reasoning + verdict JSON object,
+the ``[[YES]]``/``[[NO]]`` choice, the ``Rating: [[r]]`` regex) it measures, per engine: the
+compile time of the constraint (tokenizer-level setup excluded and reported once) and the
+host time per generated token to fill the next-token bitmask and accept the token, walking the
+tokenization of a valid answer to its end (the last mask must allow end-of-sequence). This is
+the measurement ``cosa_jax.inference.constraints`` picked its engine on.
+Run: ``python bench/grammar_engines.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402,F401  (sets the cache / offline environment first)
+
+import numpy as np  # noqa: E402
+
+CATEGORIES = [
+    "Financial Crime and Theft", "Discrimination and Verbal Abuse", "Violence",
+    "Illegal Drug-Related Activities and Substance Abuse", "Privacy Violations",
+    "Sexual Misconduct, Exploitation, and Infidelity",
+    "Weapons, Explosives, Arson, and Illegal Firearm Transactions", "Other Harms"]
+
+
+def judge_cases():
+    """(name, kind, spec, a valid answer) for the shapes the judges ask for."""
+    risk = {"type": "object", "properties": {c: {"type": "boolean"} for c in CATEGORIES},
+            "required": CATEGORIES, "additionalProperties": False}
+    risk_answer = json.dumps({c: i % 3 == 0 for i, c in enumerate(CATEGORIES)})
+    verdict = {"type": "object",
+               "properties": {"reasoning": {"type": "string", "maxLength": 400},
+                              "rating": {"type": "integer", "enum": [0, 1, 2, 3, 4, 5]}},
+               "required": ["reasoning", "rating"], "additionalProperties": False}
+    verdict_answer = json.dumps({"reasoning": "The response answers the question accurately, "
+                                 "names the main steps and gives one practical caveat.",
+                                 "rating": 4})
+    return [("risk_set json", "json", risk, risk_answer),
+            ("reasoning+rating json", "json", verdict, verdict_answer),
+            ("yes/no choice", "regex", r"\[\[(YES|NO)\]\]", "[[NO]]"),
+            ("rating regex", "regex", r"Rating: \[\[[0-5]\]\]", "Rating: [[3]]")]
+
+
+def summarize(name, compile_s, step_s):
+    step_us = np.asarray(step_s) * 1e6
+    return (f"{name:<14} compile {compile_s * 1e3:8.1f} ms   per token: median "
+            f"{statistics.median(step_us):8.1f} us, p90 {np.percentile(step_us, 90):8.1f} us, "
+            f"max {step_us.max():8.1f} us ({len(step_us)} steps)")
+
+
+class XGrammar:
+    name = "xgrammar"
+
+    def __init__(self, tok, vocab):
+        import xgrammar as xgr
+        self.xgr = xgr
+        self.info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=vocab)
+        self.vocab = vocab
+
+    def compile(self, kind, spec):
+        compiler = self.xgr.GrammarCompiler(self.info, cache_enabled=False)
+        if kind == "json":
+            return compiler.compile_json_schema(json.dumps(spec), any_whitespace=False)
+        return compiler.compile_regex(spec)
+
+    def walk(self, compiled, ids, eos):
+        m = self.xgr.GrammarMatcher(compiled)
+        mask = self.xgr.allocate_token_bitmask(1, self.vocab)
+        times = []
+        for t in ids + [eos]:
+            t0 = time.perf_counter()
+            m.fill_next_token_bitmask(mask, 0)
+            ok = m.accept_token(t)
+            times.append(time.perf_counter() - t0)
+            assert ok, f"xgrammar refused token {t}"
+        assert m.is_terminated()
+        return times
+
+
+class LLGuidance:
+    name = "llguidance"
+
+    def __init__(self, tok, vocab):
+        import llguidance
+        import llguidance.hf
+        import llguidance.numpy
+        self.ll = llguidance
+        self.lltok = llguidance.hf.from_tokenizer(tok, n_vocab=vocab)
+        self.vocab = vocab
+
+    def compile(self, kind, spec):
+        g = (self.ll.LLMatcher.grammar_from_json_schema(
+                json.dumps(spec), defaults={"whitespace_flexible": False, "item_separator": ", ",
+                                           "key_separator": ": "})
+             if kind == "json" else self.ll.LLMatcher.grammar_from_regex(spec))
+        m = self.ll.LLMatcher(self.lltok, g)
+        assert not m.is_error(), m.get_error()
+        return m
+
+    def walk(self, matcher, ids, eos):
+        mask = self.ll.numpy.allocate_token_bitmask(1, self.vocab)
+        times = []
+        for t in ids + [eos]:
+            t0 = time.perf_counter()
+            self.ll.numpy.fill_next_token_bitmask(matcher, mask, 0)
+            ok = matcher.consume_token(t)
+            times.append(time.perf_counter() - t0)
+            assert ok, f"llguidance refused token {t}: {matcher.get_error()}"
+        assert matcher.is_stopped() and not matcher.is_error()
+        return times
+
+
+class OutlinesCore:
+    name = "outlines-core"
+
+    def __init__(self, tok, vocab):
+        import outlines_core
+        self.oc = outlines_core
+        self.vocab = vocab
+        # Byte-level BPE token strings back to bytes (GPT-2's printable-byte alphabet).
+        bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+        cs, n = bs[:], 0
+        for b in range(256):
+            if b not in bs:
+                bs.append(b)
+                cs.append(256 + n)
+                n += 1
+        decoder = {chr(c): b for b, c in zip(bs, cs)}
+        special = set(tok.all_special_ids)
+        table: dict[bytes, list[int]] = {}
+        for token, i in tok.get_vocab().items():
+            if i in special or i >= vocab:
+                continue
+            table.setdefault(bytes(decoder[ch] for ch in token), []).append(i)
+        self.eos = tok.eos_token_id
+        self.vocabulary = outlines_core.Vocabulary(self.eos, table)
+
+    def compile(self, kind, spec):
+        from outlines_core.json_schema import build_regex_from_schema
+        regex = build_regex_from_schema(json.dumps(spec)) if kind == "json" else spec
+        return self.oc.Index(regex, self.vocabulary)
+
+    def walk(self, index, ids, eos):
+        guide = self.oc.Guide(index)
+        mask = np.zeros((self.vocab + 31) // 32, np.int32)
+        times = []
+        for t in ids + [eos]:
+            t0 = time.perf_counter()
+            guide.write_mask_into(mask.ctypes.data, mask.size, mask.itemsize)
+            if t != eos:
+                guide.advance(t)
+            times.append(time.perf_counter() - t0)
+            assert (mask[t // 32] >> (t % 32)) & 1, f"outlines-core refused token {t}"
+        assert guide.is_finished()
+        return times
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--reps", type=int, default=3, help="walks per case (the median step is kept)")
+    # xgrammar and outlines-core are the contenders (extra 'grammar-bench'); llguidance is ours.
+    p.add_argument("--engines", default="xgrammar,llguidance,outlines-core")
+    args = p.parse_args(argv)
+    from transformers import AutoTokenizer
+
+    from cosa_jax.models import EMBEDDED_MODEL, resolve_model_dir
+
+    tok = AutoTokenizer.from_pretrained(str(resolve_model_dir(EMBEDDED_MODEL)))
+    vocab = len(tok)
+    eos = tok.eos_token_id
+    print(f"[grammar] SmolLM2 tokenizer, vocab {vocab}, eos {eos}")
+    classes = {c.name: c for c in (XGrammar, LLGuidance, OutlinesCore)}
+    engines = []
+    for name in args.engines.split(","):
+        t0 = time.perf_counter()
+        try:
+            engines.append(classes[name](tok, vocab))
+        except ImportError as e:
+            print(f"[grammar] {name:<14} not installed ({e}); pip install -e '.[grammar-bench]'")
+            continue
+        print(f"[grammar] {name:<14} tokenizer setup {time.perf_counter() - t0:6.2f} s")
+    totals = {e.name: [] for e in engines}
+    for case, kind, spec, answer in judge_cases():
+        ids = tok.encode(answer, add_special_tokens=False)
+        print(f"[grammar] case {case!r}: {len(ids)} answer tokens + eos")
+        for e in engines:
+            t0 = time.perf_counter()
+            compiled = e.compile(kind, spec)
+            compile_s = time.perf_counter() - t0
+            walks = [e.walk(compiled if e.name != "llguidance" else e.compile(kind, spec), ids, eos)
+                     for _ in range(args.reps)]
+            steps = [statistics.median(col) for col in zip(*walks)]
+            totals[e.name].extend(steps)
+            print(f"[grammar]   {summarize(e.name, compile_s, steps)}")
+    for name, steps in totals.items():
+        print(f"[grammar] {name:<14} all cases: median {statistics.median(steps) * 1e6:8.1f} us/token, "
+              f"mean {statistics.fmean(steps) * 1e6:8.1f} us/token")
+
+
+if __name__ == "__main__":
+    main()

@@ -16,7 +16,7 @@ from cosa_jax.inference.constraints import (ConstraintCompiler, ConstraintError,
                                             fill_bitmasks, new_bitmask, unpack_bitmask)
 from cosa_jax.inference.sampler import SamplingParams, apply_bitmask, generate
 from cosa_jax.models import EMBEDDED_MODEL, load_hf, resolve_model_dir
-from model_fixtures import make_tiny_chat_model
+from cosa_jax.testing.model_fixtures import make_tiny_chat_model
 
 NESTED_SCHEMA = {
     "type": "object",
@@ -195,7 +195,7 @@ def test_lark_grammar_and_json_object_compile(tiny):
 
 def test_smollm2_judge_shapes_are_valid():
     """The embedded model under the judges' shapes: each output parses."""
-    from cosa_jax.synth.judges import parse_rating, parse_risk_set, parse_yes_no
+    from cosa_jax.judges import parse_rating, parse_risk_set, parse_yes_no
     from cosa_jax.taxonomy import ALL_CATEGORIES
     path = resolve_model_dir(EMBEDDED_MODEL)
     tok = AutoTokenizer.from_pretrained(str(path))

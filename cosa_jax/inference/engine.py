@@ -525,7 +525,14 @@ class Engine:
                                and time.perf_counter() < deadline):
                             self._cv.wait(max(deadline - time.perf_counter(), 0))
                 started = time.perf_counter()
-                self.step()
+                try:
+                    self.step()
+                except Exception as e:  # noqa: BLE001 - fail this step's requests, keep serving
+                    log.exception("engine step failed; failing the requests in its slots")
+                    for i, s in enumerate(self._slots):
+                        if s is not None:
+                            self._fail(i, e)
+                    self._cache = None   # it may have been donated to the failed program
                 self.stats.busy_s += time.perf_counter() - started
         except BaseException as e:  # noqa: BLE001 - every waiting caller must hear of it
             log.exception("engine loop failed; failing its requests")
@@ -544,6 +551,8 @@ class Engine:
         while self._waiting and None in self._slots:
             h = self._waiting.popleft()
             if h.cancelled.is_set():
+                self.stats.cancelled += 1
+                log.info("request %d %s while waiting: dropped", h.id, h.cancel_reason)
                 self._finish_unstarted(h, "cancelled")
                 continue
             i = self._slots.index(None)
@@ -585,7 +594,7 @@ class Engine:
                 self.stats.cancelled += 1
                 log.info("request %d %s: slot %d freed after %d tokens", s.handle.id,
                          s.handle.cancel_reason, i, len(s.tokens))
-                self._finish(i, s.handle.cancel_reason)
+                self._finish(i, "cancelled")
         if self.active == 0:
             return
         self._ensure_cache()
@@ -646,8 +655,13 @@ class Engine:
             if s.handle.prompt_logprobs is not None:
                 want_prompt_lp = max(want_prompt_lp or 0, s.handle.prompt_logprobs)
         reset[len(group):] = True
-        masks = [self._next_mask(self._slots[i]) if last else None
-                 for i, last in zip(group, final)]
+        masks = []
+        for i, last in zip(group, final):
+            try:
+                masks.append(self._next_mask(self._slots[i]) if last else None)
+            except Exception as e:  # noqa: BLE001 - a broken constraint fails its request only
+                self._fail(i, e)
+                masks.append(None)
         if any(m is not None for m in masks):
             allowed = np.full((p, self.words), -1, np.int32)
             for r, m in enumerate(masks):
@@ -673,6 +687,8 @@ class Engine:
             p_lp, p_top_id, p_top_lp = (np.asarray(x) for x in prompt)
         for r, i in enumerate(group):
             s = self._slots[i]
+            if s is None:   # failed meanwhile
+                continue
             start, _ = s.chunks.pop(0)
             if s.handle.prompt_logprobs is not None:
                 n_real = int(mask[r].sum())
@@ -695,10 +711,16 @@ class Engine:
         tokens = np.zeros(self.slots, np.int32)
         counter = np.zeros(self.slots, np.int32)
         allowed = None
-        for i in decoding:
+        for i in list(decoding):
             s = self._slots[i]
             tokens[i], counter[i] = s.last_token, len(s.tokens)
-            m = self._next_mask(s)
+            try:
+                m = self._next_mask(s)
+            except Exception as e:  # noqa: BLE001 - a broken constraint fails its request only
+                self._fail(i, e)
+                decoding.remove(i)
+                active[i] = False
+                continue
             if m is not None:
                 if allowed is None:
                     allowed = np.full((self.slots, self.words), -1, np.int32)
@@ -751,9 +773,13 @@ class Engine:
         text = s.detok.add(token) if s.detok is not None else ""
         reason = None
         if h.constraint is not None:
-            h.constraint.accept(token)
-            if h.constraint.is_terminated():
-                reason = "stop"
+            try:
+                h.constraint.accept(token)
+                if h.constraint.is_terminated():
+                    reason = "stop"
+            except Exception as e:  # noqa: BLE001 - a broken constraint fails its request only
+                self._fail(i, e)
+                return
         if token in self.eos_ids or (s.detok is not None and s.detok.stopped):
             reason = "stop"
         elif reason is None and len(s.tokens) >= h.sampling.max_new_tokens:
@@ -766,6 +792,13 @@ class Engine:
             h._emit(StepOutput([token], text, lps))
         else:
             self._finish(i, reason, StepOutput([token], text, lps))
+
+    def _fail(self, i: int, error: BaseException) -> None:
+        log.warning("request %d failed: %s: %s", self._slots[i].handle.id, type(error).__name__,
+                    error)
+        self.stats.failed += 1
+        self._slots[i].handle._error = f"{type(error).__name__}: {error}"
+        self._finish(i, "error", StepOutput([], "", [], error=self._slots[i].handle._error))
 
     def _finish(self, i: int, reason: str, last: StepOutput | None = None) -> None:
         s = self._slots[i]

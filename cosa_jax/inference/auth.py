@@ -214,3 +214,48 @@ def apply_policy(messages: Sequence[Mapping[str, str]], api_key: str | None,
                             "or name it with safety_config", "config_not_authorised")
     chosen = sent if sent is not None else default_config
     return ([{"role": "system", "content": chosen}] if chosen is not None else []) + rest
+
+
+def check_raw_prompt(api_key: str | None, registry: Registry | None) -> None:
+    """A raw prompt (``/v1/completions``) skips the chat template, so it can hold any system
+    turn: with a registry only a key that may set any config (``"*"``) may send one."""
+    if registry is None:
+        return
+    if api_key is None:
+        if not registry.allow_anonymous:
+            raise AuthError(401, "missing API key: send 'Authorization: Bearer KEY' with a key "
+                            "from the server's registry", "invalid_api_key")
+        rights = KeyRights("anonymous")
+    elif api_key in registry.keys:
+        rights = registry.keys[api_key]
+    else:
+        raise AuthError(401, "unknown API key (not in the server's registry)", "invalid_api_key")
+    if not rights.any_config:
+        raise AuthError(403, "raw prompts (/v1/completions) bypass the safety-config policy: this "
+                        "API key may use /v1/chat/completions only (raw prompts need a key with "
+                        "\"configs\": \"*\")", "config_not_authorised")
+
+
+def policy_on_raw_messages(messages: Any, api_key: str | None, registry: Registry | None,
+                           default_config: str | None, requested_config: str | None = None
+                           ) -> list[Any]:
+    """``apply_policy`` for a gateway: the same rules, but every non-system message is passed
+    on untouched (whatever fields the upstream understands); only the system turn is decided
+    here. Malformed system messages raise AuthError(400)."""
+    if not isinstance(messages, list) or not messages:
+        raise AuthError(400, "'messages' must be a non-empty list of {role, content} objects",
+                        "invalid_request_error")
+    system_at = [i for i, m in enumerate(messages)
+                 if isinstance(m, dict) and m.get("role") in SYSTEM_ROLES]
+    if len(system_at) > 1 or (system_at and system_at[0] != 0):
+        raise AuthError(400, "at most one system message is supported, and it must come first "
+                        "(it holds the safety config)", "invalid_request_error")
+    if len(system_at) == len(messages):
+        raise AuthError(400, "'messages' holds no user message", "invalid_request_error")
+    normalised = [{"role": "system", "content": message_text(messages[0].get("content"),
+                                                             "messages[0]")}] if system_at else []
+    rest = [m for i, m in enumerate(messages) if i not in system_at]
+    decided = apply_policy(normalised + [{"role": "user", "content": ""}], api_key, registry,
+                           default_config, requested_config)
+    system = [m for m in decided if m["role"] == "system"]
+    return system + rest

@@ -1,22 +1,30 @@
-"""OpenAI-compatible chat server over the JAX sampler, with authorised safety configs.
+"""OpenAI-compatible server over the continuous-batching engine, with authorised safety configs.
 
-``POST /v1/chat/completions`` and ``GET /v1/models`` speak the OpenAI wire format, so the
-official ``openai`` client and the synthesis module (``cosa_jax.endpoint.client``) use this server
-as generator or judge. Concurrent requests are grouped by ``batcher.Batcher`` into one
-``sampler.generate`` call. Who may set the safety config (the system prompt) is decided by
-``auth.apply_policy`` before anything reaches the model. ``GET /stats`` reports batching.
+``POST /v1/chat/completions``, ``POST /v1/completions`` and ``GET /v1/models`` speak the OpenAI
+wire format, so the official ``openai`` client, ``cosa_jax.endpoint.client`` and harnesses such as
+lm-eval's ``local-completions`` use this server. Every request becomes one ``engine.Engine``
+request: it joins the running slots at the next step, and leaves when it is done, so no request
+waits for another's ``max_tokens``. Streaming sends each token's text as it is safe to show.
+Who may set the safety config (the system prompt) is decided by ``auth.apply_policy`` before
+anything reaches the model; raw prompts (``/v1/completions``) bypass the chat template, so with a
+registry only keys that may set any config may send them. ``GET /stats`` reports the engine.
 
-Supported request fields: model, messages, max_tokens / max_completion_tokens, temperature,
-top_p, top_k (extension), seed, stop, n=1, stream (the final text as one SSE chunk),
-safety_config (extension: a registered config by name). Features the sampler lacks (tools,
-logprobs, penalties, logit_bias, n>1, JSON mode) are refused with a 400 that says so.
+Supported request fields (chat): model, messages, max_tokens / max_completion_tokens,
+temperature, top_p, top_k (extension), seed, stop, n=1, stream, stream_options.include_usage,
+logprobs, top_logprobs (<= 20), safety_config (extension: a registered config by name).
+Completions: prompt (a string, token ids, or a list of either), echo, logprobs (<= 20), and the
+same sampling fields. What the engine lacks (tools, penalties, logit_bias, n>1, JSON mode) is
+refused with a 400 that names it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import functools
 import json
 import logging
+import math
 import random
 import time
 import uuid
@@ -27,15 +35,17 @@ from aiohttp import web
 
 from cosa_jax.chat import PINNED_DATE, encode_messages, end_of_turn
 from cosa_jax.inference.auth import (SYSTEM_ROLES, AuthError, Registry, apply_policy, bearer_key,
-                                     message_text)
-from cosa_jax.inference.batcher import Batcher
+                                     check_raw_prompt, message_text)
+from cosa_jax.inference.engine import MAX_TOP_LOGPROBS, Engine, StepOutput, TokenLogprob
 
 log = logging.getLogger(__name__)
 
 ROLES = ("system", "developer", "user", "assistant")
 DEFAULT_MAX_TOKENS = 1024
+DEFAULT_COMPLETION_TOKENS = 16       # OpenAI's default for the legacy completions endpoint
+DISCONNECT_POLL_S = 0.25
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                404: "invalid_request_error", 500: "server_error"}
+                404: "invalid_request_error", 500: "server_error", 502: "upstream_error"}
 
 
 class ApiError(Exception):
@@ -46,10 +56,12 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
 
-    def response(self) -> web.Response:
-        body = {"error": {"message": self.message, "type": _ERROR_TYPES.get(self.status, "error"),
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": _ERROR_TYPES.get(self.status, "error"),
                           "param": self.param, "code": self.code}}
-        return web.json_response(body, status=self.status)
+
+    def response(self) -> web.Response:
+        return web.json_response(self.body(), status=self.status)
 
 
 def render_messages(tokenizer, messages: Sequence[Mapping[str, str]]) -> str:
@@ -64,12 +76,24 @@ def render_messages(tokenizer, messages: Sequence[Mapping[str, str]]) -> str:
                                          date_string=PINNED_DATE)
 
 
+@functools.lru_cache(maxsize=1)
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2 byte-level BPE's printable stand-in for each byte, inverted (char -> byte)."""
+    keep = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1))
+            + list(range(ord("\xae"), ord("\xff") + 1)))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
 # ------------------------------------------------------------------------ model side
 class ChatModel:
-    """Weights + config + tokenizer: renders chats to token ids and runs batches.
-
-    ``run_batch`` is called from the batcher's worker thread, one batch at a time.
-    """
+    """Weights + config + tokenizer: renders chats to token ids, names tokens for log-probs."""
 
     def __init__(self, params, cfg, tokenizer):
         self.params, self.cfg, self.tokenizer = params, cfg, tokenizer
@@ -96,30 +120,29 @@ class ChatModel:
         return self.cfg.max_position_embeddings
 
     def encode(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        """Token ids of a chat up to the assistant header: the ONE place chats are tokenised."""
         # Content is encoded as text: a control-token spelling in a message cannot open a turn.
         msgs = [{"role": "system" if m["role"] in SYSTEM_ROLES else m["role"],
                  "content": m["content"]} for m in messages]
         return encode_messages(self.tokenizer, msgs)
 
-    def padded_length(self, prompt_lens: Sequence[int], max_new: Sequence[int]) -> int:
-        """The cache length ``generate`` will allocate for a group (its bucketing rule)."""
-        from cosa_jax.inference.sampler import bucketed_lengths
-        return sum(bucketed_lengths(prompt_lens, max_new))
+    def encode_prompt(self, text: str) -> list[int]:
+        """A raw completions prompt, tokenised as the model's own convention has it."""
+        return list(self.tokenizer(text)["input_ids"])
 
-    def fits(self, jobs: Sequence["GenJob"]) -> bool:
-        return self.padded_length([len(j.prompt_ids) for j in jobs],
-                                  [j.sampling.max_new_tokens for j in jobs]) <= self.context_length
+    def make_engine(self, **kw) -> Engine:
+        return Engine(self.params, self.cfg, eos_ids=self.eos_ids, tokenizer=self.tokenizer, **kw)
 
-    def run_batch(self, jobs: Sequence["GenJob"]):
-        from cosa_jax.inference.sampler import generate
-        return generate(self.params, self.cfg, [j.prompt_ids for j in jobs],
-                        [j.sampling for j in jobs], eos_ids=self.eos_ids, tokenizer=self.tokenizer)
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
 
-
-@dataclasses.dataclass
-class GenJob:
-    prompt_ids: list[int]
-    sampling: Any  # sampler.SamplingParams
+    def token_bytes(self, token_id: int) -> list[int]:
+        """The token's own bytes (a byte-level BPE piece may hold part of a character)."""
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        table = _byte_level_alphabet()
+        if isinstance(piece, str) and piece and all(c in table for c in piece):
+            return [table[c] for c in piece]
+        return list(self.token_text(token_id).encode("utf-8"))
 
 
 # ------------------------------------------------------------------------ request parsing
@@ -128,6 +151,7 @@ def _number(body: Mapping, name: str, kind, lo=None, hi=None, default=None):
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            isinstance(value, float) and not math.isfinite(value)) or (
             kind is int and not float(value).is_integer()):
         raise ApiError(400, f"'{name}' must be {'an integer' if kind is int else 'a number'}, "
                        f"got {value!r}", param=name)
@@ -172,13 +196,19 @@ def parse_messages(raw: Any) -> list[dict[str, str]]:
 
 
 _UNSUPPORTED = {
-    "tools": "tool calling", "functions": "function calling", "logprobs": "logprobs",
-    "top_logprobs": "logprobs", "logit_bias": "logit_bias", "audio": "audio output",
+    "tools": "tool calling", "functions": "function calling", "logit_bias": "logit_bias",
+    "audio": "audio output", "suffix": "suffix (insertion)",
 }
 
 
-def parse_sampling(body: Mapping, *, prompt_len: int, context_length: int, padded_length) -> Any:
-    """SamplingParams from the OpenAI fields, checked against the model's context."""
+def parse_sampling(body: Mapping, *, prompt_len: int, engine: Engine,
+                   default_max_tokens: int = DEFAULT_MAX_TOKENS, allow_zero: bool = False,
+                   where: str = "messages") -> Any:
+    """SamplingParams from the OpenAI fields, checked against what the engine's slots hold.
+
+    ``allow_zero``: ``max_tokens=0`` is valid (completions with echo: score the prompt only);
+    one token is then generated and dropped by the caller.
+    """
     from cosa_jax.inference.sampler import SamplingParams
     for name, what in _UNSUPPORTED.items():
         if body.get(name):
@@ -190,6 +220,8 @@ def parse_sampling(body: Mapping, *, prompt_len: int, context_length: int, padde
                            param=name)
     if _number(body, "n", int, lo=1, default=1) != 1:
         raise ApiError(400, "only n=1 is supported: send several requests instead", param="n")
+    if _number(body, "best_of", int, lo=1, default=1) != 1:
+        raise ApiError(400, "only best_of=1 is supported", param="best_of")
     fmt = body.get("response_format")
     if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
         raise ApiError(400, "only response_format {'type': 'text'} is supported",
@@ -199,7 +231,8 @@ def parse_sampling(body: Mapping, *, prompt_len: int, context_length: int, padde
     top_p = _number(body, "top_p", float, lo=0.0, hi=1.0, default=1.0)
     if top_p == 0.0:
         raise ApiError(400, "'top_p' must be > 0", param="top_p")
-    top_k = _number(body, "top_k", int, lo=0, default=0)
+    top_k = _number(body, "top_k", int, lo=-1, default=0)
+    top_k = 0 if top_k in (-1, 0) else min(top_k, engine.vocab)   # vLLM's -1 = off
     seed = _number(body, "seed", int, default=None)
     if seed is None:
         seed = random.randrange(2**31)
@@ -215,35 +248,83 @@ def parse_sampling(body: Mapping, *, prompt_len: int, context_length: int, padde
     else:
         raise ApiError(400, "'stop' must be a string or a list of at most 4 strings", param="stop")
 
-    room = context_length - prompt_len
-    if room <= 0 or padded_length([prompt_len], [1]) > context_length:
+    limit = engine.max_cache_len
+    if not engine.fits(prompt_len, 1):
         raise ApiError(400, f"prompt is too long: {prompt_len} tokens, and the model's context is "
-                       f"{context_length} tokens", param="messages", code="context_length_exceeded")
+                       f"{limit} tokens", param=where, code="context_length_exceeded")
     for name in ("max_completion_tokens", "max_tokens"):
-        max_new = _number(body, name, int, lo=1, default=None)
+        max_new = _number(body, name, int, lo=0 if allow_zero else 1, default=None)
         if max_new is not None:
-            if padded_length([prompt_len], [max_new]) > context_length:
+            if not engine.fits(prompt_len, max(max_new, 1)):
                 raise ApiError(400, f"prompt ({prompt_len} tokens) + {name}={max_new} does not fit "
-                               f"the model's context of {context_length} tokens; lower {name}",
+                               f"the model's context of {limit} tokens; lower {name}",
                                param=name, code="context_length_exceeded")
             break
     else:  # no limit given: as many as fit, capped
-        max_new = DEFAULT_MAX_TOKENS
-        while max_new > 1 and padded_length([prompt_len], [max_new]) > context_length:
-            max_new = max(1, max_new - 32)
-    return SamplingParams(max_new_tokens=max_new, temperature=temperature, top_p=top_p,
-                          top_k=top_k, seed=seed, stop=stops)
+        max_new = min(default_max_tokens, limit - prompt_len + 1)
+        while max_new > 1 and not engine.fits(prompt_len, max_new):
+            max_new -= 1
+    return SamplingParams(max_new_tokens=max(max_new, 1), temperature=temperature, top_p=top_p,
+                          top_k=top_k, seed=seed, stop=stops), max_new
+
+
+def parse_chat_logprobs(body: Mapping) -> int | None:
+    """``logprobs: true`` (+ ``top_logprobs``) -> how many alternatives per token; else None."""
+    want = body.get("logprobs")
+    if want is not None and not isinstance(want, bool):
+        raise ApiError(400, "'logprobs' must be true or false", param="logprobs")
+    top = _number(body, "top_logprobs", int, lo=0, hi=MAX_TOP_LOGPROBS, default=None)
+    if top is not None and not want:
+        raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    return (top or 0) if want else None
+
+
+def parse_prompts(raw: Any, model: ChatModel) -> list[tuple[list[int], str | None]]:
+    """A completions ``prompt``: text, token ids, or a list of either -> (ids, text or None)."""
+    def ids_of(value, where):
+        if not value or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+            raise ApiError(400, f"{where}: expected a non-empty list of token ids", param="prompt")
+        bad = [t for t in value if not 0 <= t < model.cfg.vocab_size]
+        if bad:
+            raise ApiError(400, f"{where}: token id {bad[0]} is outside the vocabulary "
+                           f"[0, {model.cfg.vocab_size})", param="prompt")
+        return list(value)
+
+    if raw is None:
+        raise ApiError(400, "'prompt' is required: a string, a list of token ids, or a list of "
+                       "either", param="prompt")
+    if isinstance(raw, str):
+        raw = [raw]
+    elif isinstance(raw, list) and raw and all(isinstance(t, int) for t in raw):
+        raw = [raw]
+    if not isinstance(raw, list) or not raw:
+        raise ApiError(400, "'prompt' must be a string, a list of token ids, or a non-empty list "
+                       "of either", param="prompt")
+    out = []
+    for i, p in enumerate(raw):
+        if isinstance(p, str):
+            ids = model.encode_prompt(p)
+            if not ids:
+                raise ApiError(400, f"prompt[{i}] is empty", param="prompt")
+            out.append((ids, p))
+        elif isinstance(p, list):
+            out.append((ids_of(p, f"prompt[{i}]"), None))
+        else:
+            raise ApiError(400, f"prompt[{i}]: expected a string or a list of token ids",
+                           param="prompt")
+    return out
 
 
 # ------------------------------------------------------------------------ app
 @dataclasses.dataclass
 class ServerState:
     model: ChatModel
-    batcher: Batcher
+    engine: Engine
     served_model_name: str
     registry: Registry | None
     default_config: str | None
     started: float
+    join_wait_ms: float
 
 
 STATE_KEY = web.AppKey("cosa_state", ServerState)
@@ -272,16 +353,118 @@ async def _json_body(request: web.Request) -> dict:
     return body
 
 
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    state = request.app[STATE_KEY]
-    key = _check_key(request, state.registry)
-    body = await _json_body(request)
+def _check_model(body: Mapping, state: ServerState) -> None:
     model_name = body.get("model")
     if not model_name:
         raise ApiError(400, "'model' is required", param="model")
     if model_name != state.served_model_name:
         raise ApiError(404, f"model {model_name!r} is not served here (this server serves "
                        f"{state.served_model_name!r})", param="model", code="model_not_found")
+
+
+def _stream_flags(body: Mapping) -> tuple[bool, bool]:
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError(400, "'stream' must be true or false", param="stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise ApiError(400, "'stream_options' must be an object", param="stream_options")
+    return stream, bool(options.get("include_usage"))
+
+
+def _disconnected(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+class _Generation:
+    """The engine requests behind one HTTP request; outputs arrive as (choice index, StepOutput)
+    on the event loop. ``cancel`` frees their slots at the engine's next step."""
+
+    def __init__(self, state: ServerState, request: web.Request, prompts: Sequence[list[int]],
+                 sampling, **kw):
+        self.request = request
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.handles = []
+        try:
+            for i, ids in enumerate(prompts):
+                self.handles.append(state.engine.submit(
+                    ids, sampling, on_output=functools.partial(self._post, i), **kw))
+        except ValueError as e:
+            self.cancel("request refused")
+            raise ApiError(400, str(e), param="prompt") from None
+
+    def _post(self, index: int, out: StepOutput) -> None:   # engine thread
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, out))
+
+    def cancel(self, reason: str | None = None) -> None:
+        if reason is None:
+            reason = "client disconnected" if _disconnected(self.request) else "request aborted"
+        for h in self.handles:
+            if not h.done.is_set():
+                h.cancel(reason)
+
+    async def outputs(self):
+        remaining = len(self.handles)
+        while remaining:
+            try:
+                index, out = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                if _disconnected(self.request):
+                    self.cancel("client disconnected")
+                continue
+            if out.finished:
+                remaining -= 1
+                if out.finish_reason == "error":
+                    self.cancel("a sibling request failed")
+                    raise ApiError(500, f"generation failed: {out.error}")
+            yield index, out
+            if _disconnected(self.request):
+                self.cancel("client disconnected")
+
+    async def collect(self) -> list[dict]:
+        """Per choice: token ids, text, finish reason, logprobs (lists)."""
+        acc = [{"tokens": [], "text": [], "logprobs": [], "finish": None}
+               for _ in self.handles]
+        async for i, out in self.outputs():
+            acc[i]["tokens"] += out.token_ids
+            acc[i]["text"].append(out.text)
+            acc[i]["logprobs"] += out.logprobs
+            if out.finished:
+                acc[i]["finish"] = out.finish_reason
+        if any(a["finish"] == "cancelled" or a["finish"] is None for a in acc):
+            raise ConnectionResetError("client went away")
+        for a, h in zip(acc, self.handles):
+            a["text"] = "".join(a["text"])
+            a["prompt_logprobs"] = h.result_value.prompt_logprobs if h.result_value else None
+        return acc
+
+
+def _chat_logprob(model: ChatModel, lp: TokenLogprob) -> dict:
+    def entry(tok, value):
+        return {"token": model.token_text(tok), "logprob": value, "bytes": model.token_bytes(tok)}
+    return {**entry(lp.token_id, lp.logprob),
+            "top_logprobs": [entry(t, v) for t, v in lp.top]}
+
+
+async def _sse(resp: web.StreamResponse, payload: dict | str) -> None:
+    data = payload if isinstance(payload, str) else json.dumps(payload)
+    await resp.write(f"data: {data}\n\n".encode())
+
+
+async def _open_stream(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                       "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    return resp
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE_KEY]
+    key = _check_key(request, state.registry)
+    body = await _json_body(request)
+    _check_model(body, state)
     messages = parse_messages(body.get("messages"))
     requested = body.get("safety_config")
     if requested is not None and not isinstance(requested, str):
@@ -291,48 +474,154 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     except AuthError as e:
         raise ApiError(e.status, e.message, code=e.code) from None
     prompt_ids = state.model.encode(messages)
-    sampling = parse_sampling(body, prompt_len=len(prompt_ids),
-                              context_length=state.model.context_length,
-                              padded_length=state.model.padded_length)
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise ApiError(400, "'stream' must be true or false", param="stream")
+    sampling, _ = parse_sampling(body, prompt_len=len(prompt_ids), engine=state.engine)
+    top_n = parse_chat_logprobs(body)
+    stream, include_usage = _stream_flags(body)
 
-    completion = await state.batcher.submit(GenJob(prompt_ids, sampling))
-    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": len(completion.token_ids),
-             "total_tokens": len(prompt_ids) + len(completion.token_ids)}
-    if stream:
-        return await _stream(request, rid, created, state.served_model_name, completion, usage,
-                             body.get("stream_options") or {})
-    return web.json_response({
-        "id": rid, "object": "chat.completion", "created": created,
-        "model": state.served_model_name,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
-                     "finish_reason": completion.finish_reason, "logprobs": None}],
-        "usage": usage,
-    })
+    gen = _Generation(state, request, [prompt_ids], sampling, logprobs=top_n)
+    rid, created, name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.served_model_name
+    try:
+        if not stream:
+            (done,) = await gen.collect()
+            n = len(done["tokens"])
+            logprobs = None
+            if top_n is not None:
+                logprobs = {"content": [_chat_logprob(state.model, lp) for lp in done["logprobs"]],
+                            "refusal": None}
+            return web.json_response({
+                "id": rid, "object": "chat.completion", "created": created, "model": name,
+                "choices": [{"index": 0, "finish_reason": done["finish"], "logprobs": logprobs,
+                             "message": {"role": "assistant", "content": done["text"]}}],
+                "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": n,
+                          "total_tokens": len(prompt_ids) + n},
+            })
+        resp = await _open_stream(request)
+        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name}
+        await _sse(resp, {**base, "choices": [{"index": 0, "delta": {"role": "assistant",
+                                                                     "content": ""},
+                                               "logprobs": None, "finish_reason": None}]})
+        n = 0
+        async for _, out in gen.outputs():
+            n += len(out.token_ids)
+            if out.text or out.logprobs:
+                lps = None
+                if top_n is not None:
+                    lps = {"content": [_chat_logprob(state.model, lp) for lp in out.logprobs],
+                           "refusal": None}
+                await _sse(resp, {**base, "choices": [{"index": 0, "delta": {"content": out.text},
+                                                       "logprobs": lps, "finish_reason": None}]})
+            if out.finished:
+                if out.finish_reason == "cancelled":
+                    raise ConnectionResetError("client went away")
+                await _sse(resp, {**base, "choices": [{"index": 0, "delta": {}, "logprobs": None,
+                                                       "finish_reason": out.finish_reason}]})
+        if include_usage:
+            await _sse(resp, {**base, "choices": [], "usage": {
+                "prompt_tokens": len(prompt_ids), "completion_tokens": n,
+                "total_tokens": len(prompt_ids) + n}})
+        await _sse(resp, "[DONE]")
+        await resp.write_eof()
+        return resp
+    finally:
+        gen.cancel()
 
 
-async def _stream(request, rid, created, model, completion, usage, options) -> web.StreamResponse:
-    """Server-sent events of the finished answer: one content chunk, then the finish chunk."""
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                       "Cache-Control": "no-cache"})
-    await resp.prepare(request)
-    base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
-    chunks = [
-        {**base, "choices": [{"index": 0, "delta": {"role": "assistant",
-                                                    "content": completion.text},
-                              "finish_reason": None}]},
-        {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": completion.finish_reason}]},
-    ]
-    if isinstance(options, dict) and options.get("include_usage"):
-        chunks.append({**base, "choices": [], "usage": usage})
-    for chunk in chunks:
-        await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
-    await resp.write(b"data: [DONE]\n\n")
-    await resp.write_eof()
-    return resp
+def _legacy_logprobs(model: ChatModel, lps: Sequence[TokenLogprob | None], start_offset: int,
+                     first_ids: Sequence[int] = ()) -> dict:
+    """The completions endpoint's log-prob shape: parallel lists of tokens, their log-probs,
+    {token: logprob} alternatives and character offsets."""
+    tokens, values, tops, offsets = [], [], [], []
+    offset = start_offset
+    for i, lp in enumerate(lps):
+        tok = first_ids[i] if lp is None else lp.token_id
+        text = model.token_text(tok)
+        tokens.append(text)
+        values.append(None if lp is None else lp.logprob)
+        tops.append(None if lp is None else {model.token_text(t): v for t, v in lp.top})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops,
+            "text_offset": offsets}
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE_KEY]
+    key = _check_key(request, state.registry)
+    body = await _json_body(request)
+    _check_model(body, state)
+    try:
+        check_raw_prompt(key, state.registry)
+    except AuthError as e:
+        raise ApiError(e.status, e.message, code=e.code) from None
+    prompts = parse_prompts(body.get("prompt"), state.model)
+    echo = body.get("echo", False)
+    if not isinstance(echo, bool):
+        raise ApiError(400, "'echo' must be true or false", param="echo")
+    top_n = _number(body, "logprobs", int, lo=0, hi=MAX_TOP_LOGPROBS, default=None)
+    longest = max(len(ids) for ids, _ in prompts)
+    sampling, max_tokens = parse_sampling(body, prompt_len=longest, engine=state.engine,
+                                          default_max_tokens=DEFAULT_COMPLETION_TOKENS,
+                                          allow_zero=echo, where="prompt")
+    stream, include_usage = _stream_flags(body)
+    if stream and echo and max_tokens == 0:
+        raise ApiError(400, "stream with echo and max_tokens=0 has nothing to stream",
+                       param="stream")
+    score_only = max_tokens == 0
+    gen = _Generation(state, request, [ids for ids, _ in prompts], sampling,
+                      logprobs=top_n, prompt_logprobs=top_n if (echo and top_n is not None) else None)
+    rid, created, name = f"cmpl-{uuid.uuid4().hex}", int(time.time()), state.served_model_name
+    prompt_texts = [text if text is not None else state.model.tokenizer.decode(ids)
+                    for ids, text in prompts]
+    n_prompt = sum(len(ids) for ids, _ in prompts)
+    try:
+        if not stream:
+            done = await gen.collect()
+            choices = []
+            for i, d in enumerate(done):
+                if score_only:
+                    d["tokens"], d["text"], d["logprobs"], d["finish"] = [], "", [], "length"
+                text = (prompt_texts[i] if echo else "") + d["text"]
+                logprobs = None
+                if top_n is not None:
+                    lps = list(d["logprobs"])
+                    if echo:
+                        lps = list(d["prompt_logprobs"]) + lps
+                    logprobs = _legacy_logprobs(state.model, lps, 0, prompts[i][0])
+                choices.append({"index": i, "text": text, "logprobs": logprobs,
+                                "finish_reason": d["finish"]})
+            n_new = sum(len(d["tokens"]) for d in done)
+            return web.json_response({
+                "id": rid, "object": "text_completion", "created": created, "model": name,
+                "choices": choices,
+                "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_new,
+                          "total_tokens": n_prompt + n_new}})
+        resp = await _open_stream(request)
+        base = {"id": rid, "object": "text_completion", "created": created, "model": name}
+        if echo:
+            for i, text in enumerate(prompt_texts):
+                await _sse(resp, {**base, "choices": [{"index": i, "text": text, "logprobs": None,
+                                                       "finish_reason": None}]})
+        n_new = 0
+        async for i, out in gen.outputs():
+            n_new += len(out.token_ids)
+            if out.finished and out.finish_reason == "cancelled":
+                raise ConnectionResetError("client went away")
+            if out.text or out.logprobs or out.finished:
+                lps = None
+                if top_n is not None:
+                    lps = _legacy_logprobs(state.model, out.logprobs, 0)
+                await _sse(resp, {**base, "choices": [{
+                    "index": i, "text": out.text, "logprobs": lps,
+                    "finish_reason": out.finish_reason if out.finished else None}]})
+        if include_usage:
+            await _sse(resp, {**base, "choices": [], "usage": {
+                "prompt_tokens": n_prompt, "completion_tokens": n_new,
+                "total_tokens": n_prompt + n_new}})
+        await _sse(resp, "[DONE]")
+        await resp.write_eof()
+        return resp
+    finally:
+        gen.cancel()
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -340,15 +629,17 @@ async def list_models(request: web.Request) -> web.Response:
     _check_key(request, state.registry)
     return web.json_response({"object": "list", "data": [{
         "id": state.served_model_name, "object": "model", "created": int(state.started),
-        "owned_by": "cosa-jax", "max_model_len": state.model.context_length}]})
+        "owned_by": "cosa-jax", "max_model_len": state.engine.max_cache_len}]})
 
 
 async def stats(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
-    return web.json_response({**state.batcher.stats.as_dict(),
+    _check_key(request, state.registry)
+    return web.json_response({**state.engine.stats.as_dict(),
                               "uptime_s": round(time.time() - state.started, 3),
-                              "max_batch": state.batcher.max_batch,
-                              "batch_wait_ms": state.batcher.wait_s * 1000})
+                              "max_batch": state.engine.slots,
+                              "active": state.engine.active, "waiting": state.engine.waiting,
+                              "batch_wait_ms": state.join_wait_ms})
 
 
 async def health(request: web.Request) -> web.Response:
@@ -360,7 +651,10 @@ async def _errors(request: web.Request, handler):
     try:
         return await handler(request)
     except ApiError as e:
+        log.info("%s %s -> %d %s", request.method, request.path, e.status, e.message)
         return e.response()
+    except ConnectionResetError:
+        return web.Response(status=499)   # nobody is listening; nothing to report
     except web.HTTPException as e:  # 404 / 405 from routing, in OpenAI's shape
         if e.status >= 400:
             return ApiError(e.status, f"{request.method} {request.path}: {e.reason}").response()
@@ -372,21 +666,29 @@ async def _errors(request: web.Request, handler):
 
 def create_app(model: ChatModel, *, served_model_name: str, registry: Registry | None = None,
                default_config: str | None = None, max_batch: int = 16,
-               batch_wait_ms: float = 5.0) -> web.Application:
-    """The aiohttp application; the batcher starts and stops with the app."""
-    batcher = Batcher(model.run_batch, max_batch=max_batch, wait_s=batch_wait_ms / 1000.0,
-                      fits=model.fits)
+               batch_wait_ms: float = 2.0, max_cache_len: int | None = None,
+               chunk_sizes: Sequence[int] = (16, 64, 256), prefill_budget: int = 512
+               ) -> web.Application:
+    """The aiohttp application; the engine's loop starts and stops with the app.
+
+    max_batch: the engine's slots; batch_wait_ms: while nothing decodes, how long the first
+    request waits for others so that their prefill runs as one batch.
+    """
+    engine = model.make_engine(slots=max_batch, join_wait_s=batch_wait_ms / 1000.0,
+                               max_cache_len=max_cache_len, chunk_sizes=chunk_sizes,
+                               prefill_budget=prefill_budget)
     app = web.Application(middlewares=[_errors], client_max_size=16 * 2**20)
-    app[STATE_KEY] = ServerState(model, batcher, served_model_name, registry, default_config,
-                                 time.time())
+    app[STATE_KEY] = ServerState(model, engine, served_model_name, registry, default_config,
+                                 time.time(), batch_wait_ms)
 
     async def lifecycle(app):
-        await batcher.start()
+        engine.start()
         yield
-        await batcher.close()
+        await asyncio.get_running_loop().run_in_executor(None, engine.close)
 
     app.cleanup_ctx.append(lifecycle)
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/stats", stats)
     app.router.add_get("/health", health)
@@ -427,7 +729,6 @@ class BackgroundServer:
         return f"http://{self.host}:{self.port}/v1"
 
     def start(self) -> "BackgroundServer":
-        import asyncio
         import threading
         ready, failure = threading.Event(), []
 

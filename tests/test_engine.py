@@ -12,7 +12,7 @@ import torch
 from cosa_jax.inference.engine import Engine, IncrementalText, pack_mask, unpack_mask
 from cosa_jax.inference.sampler import SamplingParams, generate
 from cosa_jax.models import EMBEDDED_MODEL, load_hf, load_tokenizer
-from model_fixtures import make_hf_model
+from cosa_jax.testing.model_fixtures import make_hf_model
 
 NEVER = 10**6   # an end-of-sequence id no model here can produce: rows run to max_tokens
 

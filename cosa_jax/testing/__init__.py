@@ -1,0 +1,1 @@
+"""Test doubles (fault injection, fakes); production code never imports this package."""

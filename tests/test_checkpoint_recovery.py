@@ -325,3 +325,22 @@ def test_resume_from_scratch_empties_the_log(tmp_path):
     write_lines(tmp_path / "metrics.jsonl", [rec(1, loss=1.0), rec(2, loss=2.0)])
     MetricsLog(tmp_path, resume_step=0).close()
     assert (tmp_path / "metrics.jsonl").read_bytes() == b""
+
+
+# ------------------------------------------------------------------ atomic outputs
+def test_atomic_directory_replaces_whole_or_not_at_all(tmp_path):
+    from cosa_jax.train.atomic_files import atomic_directory
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "old.bin").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_directory(hf) as partial:
+            partial.mkdir()
+            (partial / "model.safetensors").write_text("half")
+            raise RuntimeError("killed mid-export")
+    assert sorted(p.name for p in hf.iterdir()) == ["old.bin"]  # the old export stands
+    with atomic_directory(hf) as partial:
+        partial.mkdir()
+        (partial / "model.safetensors").write_text("new")
+    assert sorted(p.name for p in hf.iterdir()) == ["model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no .partial, no .old

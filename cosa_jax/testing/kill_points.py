@@ -7,9 +7,7 @@ leave damage (inside Orbax's asynchronous save and its deletion of old steps, in
 export) last milliseconds, so the tests make the process kill itself there, with a real
 SIGKILL: no handler, no flush, no cleanup. POINT is one of
 
-    after_create:N     step N's tmp directory exists, nothing written into it yet
     before_finalize:N  step N is fully written but not yet renamed to its final name
-    after_finalize:N   step N is final; older steps Orbax would delete are still there
     mid_delete:N       Orbax is deleting old step N: its 'state' files are gone, the rest not
     mid_export         the first safetensors file of the HF export is written, nothing else
 """
@@ -33,27 +31,14 @@ def install(point: str) -> None:
     from orbax.checkpoint._src.path import atomicity, deleter
 
     cls = atomicity.AtomicRenameTemporaryPath
-    if name == "after_create":
-        original = cls.create
-
-        @functools.wraps(original)
-        async def create(self):
-            path = await original(self)
-            if self.get_final().name == arg:
-                _die()
-            return path
-        cls.create = create
-    elif name in ("before_finalize", "after_finalize"):
+    if name == "before_finalize":
         original = cls.finalize
 
         @functools.wraps(original)
         async def finalize(self):
-            mine = self.get_final().name == arg
-            if mine and name == "before_finalize":
+            if self.get_final().name == arg:
                 _die()
             await original(self)
-            if mine:
-                _die()
         cls.finalize = finalize
     elif name == "mid_delete":
         std = deleter.StandardCheckpointDeleter

@@ -78,7 +78,9 @@ class MetricsLog:
         key = (record["step"], record_kind(record))
         if key in self._logged:
             return
-        os.write(self._fd, (json.dumps(record) + "\n").encode())
+        line = (json.dumps(record) + "\n").encode()
+        while line:  # one write, unless the kernel takes it in parts
+            line = line[os.write(self._fd, line):]
         os.fsync(self._fd)
         self._logged.add(key)
         for k, value in metrics.items():

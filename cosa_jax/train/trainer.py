@@ -2,7 +2,8 @@
 
 Load -> mesh + shardings -> one jitted step -> loop with Orbax checkpoints (state, data
 position, RNG) -> HF export and curves. A restarted run resumes from the newest checkpoint in
-``checkpoint.dir`` by itself and replays exactly the batches an uninterrupted run would see.
+``checkpoint.dir`` that restores (checkpoints.py) by itself and replays exactly the batches an
+uninterrupted run would see.
 """
 
 from __future__ import annotations

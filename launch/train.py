@@ -20,7 +20,11 @@ def main(argv):
     quiet_library_logs()
     if _CONFIG.value is None:
         sys.exit("usage: python -m launch.train --config configs/demo.py [--config.KEY=VALUE ...]")
-    summary = train(_CONFIG.value)
+    from cosa_jax.train.checkpoints import CheckpointRestoreError
+    try:
+        summary = train(_CONFIG.value)
+    except CheckpointRestoreError as e:
+        sys.exit(f"[cosa-jax] error: {e}")
     print(json.dumps(summary, indent=2))
 
 

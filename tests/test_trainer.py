@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from cosa_jax.train import config as tc
+from cosa_jax.train.metrics_log import read_metrics
 from cosa_jax.train.trainer import Trainer
 from cosa_jax.testing.model_fixtures import make_tiny_chat_model
 
@@ -38,7 +39,7 @@ def env():
 
 
 def losses(out: Path):
-    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(out / "metrics.jsonl")  # a kill can leave a torn last line
     train = [r for r in records if "loss" in r]
     return [r["step"] for r in train], [r["loss"] for r in train]
 

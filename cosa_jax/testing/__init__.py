@@ -6,4 +6,6 @@ checks); tests, the benchmarks and the demo start what they need themselves.
                        ``recognize_judge``
 - ``model_fixtures``   tiny random Llama-3.1-style checkpoints written by transformers (needs the
                        ``test`` extra: torch)
+- ``kill_points``      runs ``launch.train`` and SIGKILLs it at an exact point (checkpoint
+                       save, old-step deletion, export)
 """

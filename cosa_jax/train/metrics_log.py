@@ -1,14 +1,26 @@
 """Where training metrics go: a JSONL file, TensorBoard event files, and a PNG of the curves.
 
-On resume the JSONL keeps only the records up to the restored step, and TensorBoard purges
-later events, so the logs show every step exactly once.
+metrics.jsonl is append-only, one fsync'd line per (step, kind) record, kind "train" (a step's
+losses, with eval keys when an eval fell on it) or "eval" (an eval on its own). Steps only grow
+in it, so on resume everything past the restored step (what the killed run did after its last
+checkpoint) is one tail: it is cut with a single truncate, together with a torn last line, and
+the kept bytes are never rewritten, so a kill at any point loses nothing. A record already in
+the file is never written again (the final eval of a run killed during export). TensorBoard
+purges later events the same way.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
+
+from cosa_jax.train.atomic_files import atomic_path, fsync_path
+
+
+def record_kind(record: dict) -> str:
+    return "train" if "loss" in record else "eval"
 
 
 class MetricsLog:
@@ -17,51 +29,90 @@ class MetricsLog:
         self.path = self.out_dir / "metrics.jsonl"
         self.enabled = enabled
         self._tb = None
+        self._fd = None
+        self._logged: set[tuple[int, str]] = set()
         if not enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._truncate_after(resume_step)
+        had_tb = any((self.out_dir / "tensorboard").glob("events.out.tfevents.*"))
+        self._cut_after(resume_step)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fsync_path(self.out_dir)
         from tensorboardX import SummaryWriter
         self._tb = SummaryWriter(str(self.out_dir / "tensorboard"),
-                                 purge_step=resume_step + 1 if resume_step else None)
+                                 purge_step=resume_step + 1 if resume_step or had_tb else None)
 
-    def _truncate_after(self, step: int) -> None:
+    def _cut_after(self, step: int) -> None:
+        """Truncate at the first record past ``step`` or the first line a kill tore."""
         if not self.path.exists():
             return
-        kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn last line from a killed run
-            if record.get("step", 0) <= step:
-                kept.append(json.dumps(record))
-        self.path.write_text("".join(k + "\n" for k in kept))
+        data = self.path.read_bytes()
+        offset, cut = 0, None
+        for line in data.splitlines(keepends=True):
+            record = _parse(line) if line.endswith(b"\n") else None
+            if record is None and line.strip():
+                if offset + len(line) < len(data):
+                    # not the last line: no kill leaves this, so keep it and let readers skip it
+                    print(f"[cosa-jax] {self.path}: skipping a line that is not a JSON record "
+                          f"at byte {offset}", flush=True)
+                    offset += len(line)
+                    continue
+                cut = offset  # a torn last line
+                break
+            if record is not None:
+                if record["step"] > step:
+                    cut = offset
+                    break
+                self._logged.add((record["step"], record_kind(record)))
+            offset += len(line)
+        if cut is not None:
+            with open(self.path, "r+b") as f:
+                f.truncate(cut)
+                f.flush()
+                os.fsync(f.fileno())
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
         record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-        for key, value in metrics.items():
+        key = (record["step"], record_kind(record))
+        if key in self._logged:
+            return
+        line = (json.dumps(record) + "\n").encode()
+        while line:  # one write, unless the kernel takes it in parts
+            line = line[os.write(self._fd, line):]
+        os.fsync(self._fd)
+        self._logged.add(key)
+        for k, value in metrics.items():
             if math.isfinite(float(value)):
-                self._tb.add_scalar(key, float(value), step)
+                self._tb.add_scalar(k, float(value), step)
 
     def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         if self._tb is not None:
             self._tb.flush()
             self._tb.close()
 
 
+def _parse(line: bytes) -> dict | None:
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+        return None
+    return record
+
+
 def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl, skipping a torn last line."""
     records = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
+    for line in Path(path).read_bytes().splitlines():
+        record = _parse(line)
+        if record is not None:
+            records.append(record)
     return records
 
 
@@ -97,6 +148,7 @@ def plot_curves(metrics_path: Path, out_png: Path, title: str = "") -> Path | No
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
+    with atomic_path(Path(out_png)) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return out_png

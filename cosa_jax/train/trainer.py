@@ -2,7 +2,8 @@
 
 Load -> mesh + shardings -> one jitted step -> loop with Orbax checkpoints (state, data
 position, RNG) -> HF export and curves. A restarted run resumes from the newest checkpoint in
-``checkpoint.dir`` by itself and replays exactly the batches an uninterrupted run would see.
+``checkpoint.dir`` that restores (checkpoints.py) by itself and replays exactly the batches an
+uninterrupted run would see.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from pathlib import Path
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 from cosa_jax import sharding as shd
 from cosa_jax.models import load_hf, load_tokenizer, save_hf
+from cosa_jax.train import atomic_files
+from cosa_jax.train import checkpoints as ckpt
 from cosa_jax.train import config as tc
 from cosa_jax.train import data as td
 from cosa_jax.train import optim
@@ -59,7 +61,7 @@ class Trainer:
         self.ckpt_dir = Path(config.checkpoint.dir or self.out / "checkpoints").absolute()
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(config.to_json_best_effort(indent=2))
+            atomic_files.write_text(self.out / "config.json", config.to_json_best_effort(indent=2))
         self.mode = config.train.mode
         self.share_prompt = self.mode == "dpo" and config.dpo.share_prompt
         self.mesh = shd.make_mesh(tc.resolve_mesh_shape(config.mesh.shape, jax.device_count()))
@@ -169,7 +171,8 @@ class Trainer:
                 out[idx, 0], out[idx, 1] = logps[:micro_pairs], logps[micro_pairs:]
             if self.is_main:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                np.save(path, out)
+                with atomic_files.atomic_path(path) as tmp, open(tmp, "wb") as f:
+                    np.save(f, out)
             self.ref_logps[tag] = out
 
     def _response_budget(self) -> int:
@@ -214,11 +217,13 @@ class Trainer:
                                             grad_accum or self.c.train.grad_accum, "sft"))
         return {k: _global_array(v, ts.batch_sharding_for(k, v.ndim, self.mesh)) for k, v in host.items()}
 
+    def _log(self, line: str) -> None:
+        if self.is_main:
+            print(line, flush=True)
+
     def _checkpoint_manager(self):
-        opts = ocp.CheckpointManagerOptions(
-            save_interval_steps=1, max_to_keep=self.c.checkpoint.keep,
-            enable_async_checkpointing=self.c.checkpoint.async_save)
-        return ocp.CheckpointManager(self.ckpt_dir, options=opts)
+        return ckpt.make_manager(self.ckpt_dir, keep=self.c.checkpoint.keep,
+                                 async_save=self.c.checkpoint.async_save, log=self._log)
 
     def _evaluate(self, params) -> dict[str, float]:
         if not self.eval_examples:
@@ -244,16 +249,13 @@ class Trainer:
         state, shapes = self._init_state()
         manager = self._checkpoint_manager()
         position = td.DataPosition()
-        latest = manager.latest_step()
-        if latest is not None:
-            abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                    shapes, self.state_sh)
-            restored = manager.restore(latest, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-            state = restored["state"]
-            position = td.DataPosition.from_dict(restored["meta"]["data_position"])
-            print(f"[cosa-jax] resumed from {self.ckpt_dir} at step {latest} "
-                  f"(epoch {position.epoch}, example {position.index})", flush=True)
+        abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                shapes, self.state_sh)
+        restored = ckpt.restore_newest(manager, abstract, log=self._log)
+        if restored is not None:
+            state, position = restored.state, restored.position
+            self._log(f"[cosa-jax] resumed from {self.ckpt_dir} at step {restored.step} "
+                      f"(epoch {position.epoch}, example {position.index})")
         step = int(jax.device_get(state["step"]))
         metrics_log = MetricsLog(self.out, resume_step=step, enabled=self.is_main)
 
@@ -266,10 +268,7 @@ class Trainer:
             self.state_sh, self._device_batch(first_batch), with_ref=self.ref_params is not None)
 
         def save(step_, position_):
-            manager.save(step_, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                meta=ocp.args.JsonSave({"data_position": position_.to_dict(), "step": step_,
-                                        "seed": self.c.seed})), force=True)
+            ckpt.save(manager, step_, state, position_, self.c.seed)
 
         bar = tqdm(total=self.total_steps, initial=step, desc=f"{self.mode}", disable=not self.is_main,
                    dynamic_ncols=True)
@@ -306,7 +305,7 @@ class Trainer:
                 save(step, position)
             if not self.c.train.eval_every or step % self.c.train.eval_every:
                 eval_metrics = self._evaluate(state["params"])
-                if eval_metrics:
+                if eval_metrics:  # not logged again if a kill came after it was logged
                     metrics_log.write(step, eval_metrics)
             manager.wait_until_finished()
         finally:
@@ -314,8 +313,9 @@ class Trainer:
             metrics_log.close()
             manager.close()
         hf_dir = Path(self.c.export.hf_dir or self.out / "hf")
-        save_hf(state["params"], self.mcfg, hf_dir, self.tokenizer,
-                dtype=self.c.export.dtype or None)
+        with atomic_files.atomic_directory(hf_dir, writer=self.is_main) as partial:
+            save_hf(state["params"], self.mcfg, partial, self.tokenizer,
+                    dtype=self.c.export.dtype or None)
         png = plot_curves(self.out / "metrics.jsonl", self.out / "curves.png",
                           title=f"{self.mode} on {self.c.data.train}") if self.is_main else None
         return {"step": step, "train": last_metrics, "eval": eval_metrics, "hf_dir": str(hf_dir),

@@ -257,6 +257,46 @@ def test_stop_strings_that_span_tokens_are_held_back_and_cut(smol_tokenizer):
     assert not inc.stopped and "".join(deltas) == text
 
 
+class Forced:
+    """A constraint that allows exactly the next token of a fixed sequence."""
+
+    def __init__(self, vocab, ids):
+        self.vocab, self.ids, self.at = vocab, list(ids), 0
+
+    def next_mask(self):
+        mask = np.zeros(self.vocab, bool)
+        mask[self.ids[min(self.at, len(self.ids) - 1)]] = True
+        return mask
+
+    def accept(self, token):
+        assert token == self.ids[self.at]
+        self.at += 1
+
+    def is_terminated(self):
+        return self.at >= len(self.ids)
+
+
+def test_streamed_text_of_forced_multibyte_tokens_never_splits_a_character(tmp_path,
+                                                                           smol_tokenizer):
+    path = tmp_path / "tiny49k"
+    make_hf_model(path, vocab_size=49152)
+    model, cfg = load_hf(path)
+    tok = smol_tokenizer
+    text = "Grüße, 東京タワー 🦜🌊 — and so on."
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert any("\ufffd" in tok.decode([t]) for t in ids)
+    engine = Engine(model.params(), cfg, eos_ids=[2], tokenizer=tok, slots=2)
+    pieces = []
+    hs = [engine.submit([5, 6], SamplingParams(max_new_tokens=64), constraint=Forced(cfg.vocab_size, ids),
+                        on_output=lambda out: pieces.append(out.text)),
+          engine.submit([5, 6], SamplingParams(max_new_tokens=64, stop=("タワ",)),
+                        constraint=Forced(cfg.vocab_size, ids))]
+    drive(engine, hs)
+    assert hs[0].result_value.token_ids == ids and "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces) and len([p for p in pieces if p]) > 5
+    assert hs[1].result_value.text == "Grüße, 東京" and hs[1].result_value.finish_reason == "stop"
+
+
 @pytest.mark.slow
 def test_embedded_model_engine_equals_generate():
     model, cfg = load_hf(EMBEDDED_MODEL)

@@ -56,7 +56,7 @@ def test_staggered_requests_equal_generate_token_for_token(tiny):
 
 def test_short_request_arriving_during_a_long_one_finishes_first(tiny):
     _, params, cfg = tiny
-    with Engine(params, cfg, eos_ids=[NEVER], slots=2) as engine:
+    with Engine(params, cfg, eos_ids=[NEVER], slots=4) as engine:
         long = engine.submit(list(range(3, 20)), SamplingParams(max_new_tokens=400))
         while len(engine._slots[0].tokens if engine._slots[0] else []) < 5:
             time.sleep(0.01)
@@ -71,7 +71,7 @@ def test_short_request_arriving_during_a_long_one_finishes_first(tiny):
 def test_sampled_rows_do_not_depend_on_their_slot_mates(tiny):
     _, params, cfg = tiny
     s = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=7)
-    alone = Engine(params, cfg, eos_ids=[NEVER], slots=2)
+    alone = Engine(params, cfg, eos_ids=[NEVER], slots=4)
     h = alone.submit([9, 8, 7, 6], s)
     drive(alone, [h])
     crowd = Engine(params, cfg, eos_ids=[NEVER], slots=4)
@@ -81,7 +81,7 @@ def test_sampled_rows_do_not_depend_on_their_slot_mates(tiny):
     others.append(crowd.submit([11] * 20, SamplingParams(max_new_tokens=5)))
     drive(crowd, others + [h2])
     assert h.result().token_ids == h2.result().token_ids
-    other_seed = Engine(params, cfg, eos_ids=[NEVER], slots=2)
+    other_seed = Engine(params, cfg, eos_ids=[NEVER], slots=4)
     h3 = other_seed.submit([9, 8, 7, 6], SamplingParams(max_new_tokens=10, temperature=1.0,
                                                         top_p=0.9, top_k=50, seed=8))
     drive(other_seed, [h3])
@@ -91,7 +91,7 @@ def test_sampled_rows_do_not_depend_on_their_slot_mates(tiny):
 def test_logprobs_equal_transformers_log_softmax(tiny):
     hf, params, cfg = tiny
     prompt = [7, 100, 250, 3, 42, 19, 5, 88, 160, 301, 12]
-    engine = Engine(params, cfg, eos_ids=[NEVER], slots=2, chunk_sizes=(4, 8))
+    engine = Engine(params, cfg, eos_ids=[NEVER], slots=4, chunk_sizes=(4, 8))
     h = engine.submit(prompt, SamplingParams(max_new_tokens=6), logprobs=20, prompt_logprobs=5)
     drive(engine, [h])
     res = h.result()
@@ -173,7 +173,7 @@ class Broken(AllowedSet):
 
 def test_a_failing_constraint_fails_only_its_request(tiny):
     _, params, cfg = tiny
-    with Engine(params, cfg, eos_ids=[NEVER], slots=3) as engine:
+    with Engine(params, cfg, eos_ids=[NEVER], slots=4) as engine:
         bad = engine.submit([3, 4], SamplingParams(max_new_tokens=10),
                             constraint=Broken(cfg.vocab_size, {9}, 100))
         good = engine.submit([3, 4], SamplingParams(max_new_tokens=10))

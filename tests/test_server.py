@@ -608,6 +608,36 @@ def test_gateway_answers_502_when_the_upstream_fails(tiny_dir):
         assert e.value.status_code == 502
 
 
+def test_launch_serve_upstream_runs_the_gateway(served, tiny_dir, tmp_path):
+    _, model, open_srv, _ = served
+    path, _ = tiny_dir
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launch.serve", "--upstream", open_srv.base_url, "--port", str(port),
+         "--auth-registry", str(path / "registry.json"), "--default-config", DEFAULT_CONFIG],
+        cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+                assert time.time() < deadline, "gateway did not come up in 120 s"
+                time.sleep(0.5)
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-reader", max_retries=0)
+        resp = ask(c, "Hi", max_tokens=4)
+        assert resp.usage.prompt_tokens == len(prompt_ids(model, DEFAULT_CONFIG, "Hi"))
+        with pytest.raises(openai.PermissionDeniedError):
+            ask(c, "Hi", "Anything goes.")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 # ------------------------------------------------------------------------ the real embedded model
 @pytest.mark.slow
 def test_smollm2_server_answer_equals_transformers_generate():

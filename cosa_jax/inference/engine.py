@@ -581,7 +581,8 @@ class Engine:
             self._slots[i] = _Slot(h, detok, self._chunk_plan(len(h.prompt_ids)),
                                    self.cache_need(len(h.prompt_ids), h.sampling.max_new_tokens))
             s = h.sampling
-            self._temp[i], self._top_p[i], self._top_k[i] = s.temperature, s.top_p, s.top_k
+            self._temp[i], self._top_p[i] = s.temperature, s.top_p
+            self._top_k[i] = min(s.top_k, self.vocab)
             self._seed[i] = s.seed % 2**32
             self.stats.requests += 1
 
@@ -614,7 +615,7 @@ class Engine:
                 quiet = s.handle.cancel_reason == "warm-up done"
                 (log.debug if quiet else log.info)(
                     "request %d %s: slot %d freed after %d tokens", s.handle.id,
-                         s.handle.cancel_reason, i, len(s.tokens))
+                    s.handle.cancel_reason, i, len(s.tokens))
                 self._finish(i, "cancelled")
         if self.active == 0:
             return

@@ -93,6 +93,16 @@ def bench_server(params, cfg, tokenizer, clients: int, requests: int, max_tokens
                 usage = ch.usage
         return usage.completion_tokens, ttft if ttft is not None else time.perf_counter() - t0
 
+    from cosa_jax.inference.sampler import SamplingParams, generate
+    rows = np.random.default_rng(16).integers(3, cfg.vocab_size, (16, 32)).tolist()
+
+    def sampler_rate():
+        t0 = time.perf_counter()
+        generate(params, cfg, rows, SamplingParams(max_new_tokens=max_tokens), eos_ids=[-1],
+                 pad_id=2)
+        return 16 * max_tokens / (time.perf_counter() - t0)
+
+    sampler_rate()   # compile
     app = create_app(model, served_model_name="smol", max_batch=clients, batch_wait_ms=2)
     engine = app[STATE_KEY].engine
     # Compile what the timed runs use (prefill of 1..16 rows, decode at their cache length),
@@ -105,12 +115,14 @@ def bench_server(params, cfg, tokenizer, clients: int, requests: int, max_tokens
         t0 = time.perf_counter()
         single = [ask(c, i) for i in range(4)]
         single_s = time.perf_counter() - t0
+        sampler_rates = [sampler_rate()]       # right before and after: the same machine load
         before = engine.stats.as_dict()
         t0 = time.perf_counter()
         with cf.ThreadPoolExecutor(clients) as pool:
             many = list(pool.map(lambda i: ask(c, i), range(requests)))
         many_s = time.perf_counter() - t0
         after = engine.stats.as_dict()
+        sampler_rates.append(sampler_rate())
     many_tokens = sum(n for n, _ in many)
     tps = many_tokens / many_s
     ttfts = np.array([t for _, t in many]) * 1000
@@ -123,10 +135,13 @@ def bench_server(params, cfg, tokenizer, clients: int, requests: int, max_tokens
           f" p99 {np.percentile(ttfts, 99):.0f} ms")
     print(f"[server] 1 client: {sum(n for n, _ in single) / single_s:8.1f} completion tokens/s, "
           f"time to first token {1000 * np.median([t for _, t in single]):.0f} ms")
-    if sampler_tps:
-        share = tps / sampler_tps
-        print(f"[server] {clients} clients / sampler batch-16 generate: {100 * share:5.1f} % "
-              f"(target >= 80 %: {'met' if share >= 0.8 else 'NOT met'})")
+    ref = float(np.mean(sampler_rates))
+    share = tps / ref
+    print(f"[server] sampler generate batch 16 x {max_tokens} tokens, timed right before and after:"
+          f" {', '.join(f'{r:.1f}' for r in sampler_rates)} tokens/s"
+          + (f" (the decode bench above: {sampler_tps:.1f})" if sampler_tps else ""))
+    print(f"[server] {clients} clients / sampler batch 16: {100 * share:5.1f} % "
+          f"(target >= 80 %: {'met' if share >= 0.8 else 'NOT met'})")
 
 
 def main(argv=None) -> None:

@@ -2,7 +2,6 @@
 short requests overtake long ones, log-probs equal transformers' log-softmax, constraint masks
 hold, text never splits a character or a stop string, cancelled requests free their slot."""
 
-import threading
 import time
 
 import numpy as np

@@ -4,7 +4,6 @@ A tiny random Llama written by transformers (with the embedded SmolLM2 tokenizer
 it shares) is served on 127.0.0.1 in-process; the official ``openai`` client talks to it.
 """
 
-import asyncio
 import concurrent.futures as cf
 import json
 import socket

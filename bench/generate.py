@@ -2,8 +2,10 @@
 
 Greedy, fp32, exactly 128 new tokens per row on both sides (JAX: no end-of-sequence id;
 PyTorch: ``min_new_tokens=128``), the same 32-token prompts, batch 1 and 16. Tokens/s counts
-new tokens only; both timings include the prefill. Then the server: requests/s with 16
-concurrent clients vs one client, small ``max_tokens``, through the official ``openai`` client.
+new tokens only; both timings include the prefill. Then the server (continuous batching): 16
+concurrent streaming clients through the official ``openai`` client, ``max_tokens`` 128,
+answers end at their own end-of-turn: completion tokens/s against the sampler's batch-16 rate of
+the same run, and time to first token (p50 / p99).
 Run: ``python bench/generate.py`` (part of ``make bench``).
 """
 
@@ -11,11 +13,9 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import json
 import os
 import sys
 import time
-import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402  (sets the cache / offline environment first)
@@ -52,59 +52,94 @@ def bench_decode(params, cfg, hf, batch: int, new_tokens: int, prompt_len: int, 
     assert all(len(r) == new_tokens for r in jax_ids + torch_ids), "a side stopped early"
     same = sum(a == b for ra, rb in zip(jax_ids, torch_ids) for a, b in zip(ra, rb))
     tokens = batch * new_tokens
+    rate = tokens / common.median(times["jax"])
     common.report(f"generate b={batch}", "new tokens/s", tokens / common.median(times["jax"]),
                   tokens / common.median(times["torch"]), "transformers generate",
                   target=2.0 if batch >= 16 else None,
                   detail=f"greedy tokens identical: {same}/{tokens}; jax reps "
                          f"{[round(t, 2) for t in times['jax']]} s, torch reps "
                          f"{[round(t, 2) for t in times['torch']]} s")
+    return rate
 
 
-def bench_server(params, cfg, tokenizer, clients: int, requests: int, max_tokens: int):
+def bench_server(params, cfg, tokenizer, clients: int, requests: int, max_tokens: int,
+                 sampler_tps: float | None):
+    """16 clients through the official openai client, streaming, against the engine's server:
+    completion tokens/s (vs the sampler's batch-16 rate measured above in this run) and the
+    time to first token (p50 / p99)."""
+    import numpy as np
     import openai
 
-    from cosa_jax.inference.sampler import SamplingParams
-    from cosa_jax.inference.server import BackgroundServer, ChatModel, GenJob, create_app
+    from cosa_jax.inference.server import STATE_KEY, BackgroundServer, ChatModel, create_app
 
     model = ChatModel(params, cfg, tokenizer)
     topics = ["rivers", "bread", "chess", "volcanoes", "owls", "jazz", "glass", "tides",
               "maps", "bees", "clocks", "salt", "kites", "moss", "rain", "ink"]
 
+    def messages(i):
+        return [{"role": "user", "content": f"Tell me one fact about {topics[i % 16]}."}]
+
     def ask(c, i):
-        r = c.chat.completions.create(
-            model="smol", max_tokens=max_tokens, temperature=0,
-            messages=[{"role": "user", "content": f"Tell me one fact about {topics[i % 16]}."}])
-        return r.usage.completion_tokens
-
-    with BackgroundServer(create_app(model, served_model_name="smol", max_batch=16,
-                                     batch_wait_ms=5)) as srv:
-        c = openai.OpenAI(base_url=srv.base_url, api_key="bench", max_retries=0, timeout=600)
-        # Warm-up: compile every batch bucket the runs may use (1, 2, 4, ... up to max batch),
-        # so no compile lands inside a timed run; then one request through HTTP.
-        job = GenJob(model.encode([{"role": "user", "content": "Tell me one fact about owls."}]),
-                     SamplingParams(max_new_tokens=max_tokens))
-        size = 1
-        while size <= clients:
-            model.run_batch([job] * size)
-            size *= 2
-        ask(c, 0)
-
         t0 = time.perf_counter()
-        single_tokens = sum(ask(c, i) for i in range(requests // 4))
+        ttft, usage = None, None
+        for ch in c.chat.completions.create(model="smol", max_tokens=max_tokens, temperature=0,
+                                            messages=messages(i), stream=True,
+                                            stream_options={"include_usage": True}):
+            if ttft is None and ch.choices and ch.choices[0].delta.content:
+                ttft = time.perf_counter() - t0
+            if ch.usage is not None:
+                usage = ch.usage
+        return usage.completion_tokens, ttft if ttft is not None else time.perf_counter() - t0
+
+    from cosa_jax.inference.sampler import SamplingParams, generate
+    rows = np.random.default_rng(16).integers(3, cfg.vocab_size, (16, 32)).tolist()
+
+    def sampler_rate():
+        t0 = time.perf_counter()
+        generate(params, cfg, rows, SamplingParams(max_new_tokens=max_tokens), eos_ids=[-1],
+                 pad_id=2)
+        return 16 * max_tokens / (time.perf_counter() - t0)
+
+    sampler_rate()   # compile
+    app = create_app(model, served_model_name="smol", max_batch=clients, batch_wait_ms=2)
+    engine = app[STATE_KEY].engine
+    # Compile what the timed runs use (prefill of 1..16 rows, decode at their cache length),
+    # so no compile lands inside a timed run.
+    engine.warmup(max(len(model.encode(messages(i))) for i in range(16)), max_tokens)
+    with BackgroundServer(app) as srv:
+        c = openai.OpenAI(base_url=srv.base_url, api_key="bench", max_retries=0, timeout=600)
+        with cf.ThreadPoolExecutor(clients) as pool:       # one unmeasured round
+            list(pool.map(lambda i: ask(c, i), range(clients)))
+        t0 = time.perf_counter()
+        single = [ask(c, i) for i in range(4)]
         single_s = time.perf_counter() - t0
+        sampler_rates = [sampler_rate()]       # right before and after: the same machine load
+        before = engine.stats.as_dict()
         t0 = time.perf_counter()
         with cf.ThreadPoolExecutor(clients) as pool:
-            many_tokens = sum(pool.map(lambda i: ask(c, i), range(requests)))
+            many = list(pool.map(lambda i: ask(c, i), range(requests)))
         many_s = time.perf_counter() - t0
-        with urllib.request.urlopen(srv.base_url.replace("/v1", "/stats"), timeout=30) as r:
-            stats = json.loads(r.read())
-    single_rps, many_rps = (requests // 4) / single_s, requests / many_s
-    print(f"[server] {clients} concurrent clients: {many_rps:8.2f} requests/s "
-          f"({many_tokens / many_s:.1f} completion tokens/s, {requests} requests)")
-    print(f"[server] 1 client               : {single_rps:8.2f} requests/s "
-          f"({single_tokens / single_s:.1f} completion tokens/s, {requests // 4} requests)")
-    print(f"[server] ratio {clients} clients / 1    : {many_rps / single_rps:8.2f}x "
-          f"(batch sizes served: {stats['batch_sizes']})")
+        after = engine.stats.as_dict()
+        sampler_rates.append(sampler_rate())
+    many_tokens = sum(n for n, _ in many)
+    tps = many_tokens / many_s
+    ttfts = np.array([t for _, t in many]) * 1000
+    steps = after["decode_steps"] - before["decode_steps"]
+    mean_active = (after["slot_steps"] - before["slot_steps"]) / max(steps, 1)
+    print(f"[server] {clients} concurrent clients (openai client, streaming): {tps:8.1f} "
+          f"completion tokens/s ({many_tokens} tokens, {requests} requests, {many_s:.1f} s; "
+          f"{mean_active:.1f} of {clients} slots busy per decode step on average)")
+    print(f"[server] time to first token at {clients} clients: p50 {np.percentile(ttfts, 50):.0f} ms,"
+          f" p99 {np.percentile(ttfts, 99):.0f} ms")
+    print(f"[server] 1 client: {sum(n for n, _ in single) / single_s:8.1f} completion tokens/s, "
+          f"time to first token {1000 * np.median([t for _, t in single]):.0f} ms")
+    ref = float(np.mean(sampler_rates))
+    share = tps / ref
+    print(f"[server] sampler generate batch 16 x {max_tokens} tokens, timed right before and after:"
+          f" {', '.join(f'{r:.1f}' for r in sampler_rates)} tokens/s"
+          + (f" (the decode bench above: {sampler_tps:.1f})" if sampler_tps else ""))
+    print(f"[server] {clients} clients / sampler batch 16: {100 * share:5.1f} % "
+          f"(target >= 80 %: {'met' if share >= 0.8 else 'NOT met'})")
 
 
 def main(argv=None) -> None:
@@ -115,8 +150,8 @@ def main(argv=None) -> None:
     p.add_argument("--reps", type=int, default=1,
                    help="timed reps per side (PyTorch at batch 16 takes minutes per rep on 2 cores)")
     p.add_argument("--server-clients", type=int, default=16)
-    p.add_argument("--server-requests", type=int, default=32)
-    p.add_argument("--server-max-tokens", type=int, default=16)
+    p.add_argument("--server-requests", type=int, default=64)
+    p.add_argument("--server-max-tokens", type=int, default=128)
     p.add_argument("--skip-server", action="store_true")
     args = p.parse_args(argv)
 
@@ -133,12 +168,13 @@ def main(argv=None) -> None:
     print(f"[generate] SmolLM2-135M fp32, greedy, {args.new_tokens} new tokens, prompt "
           f"{args.prompt_len} tokens, median of {args.reps} reps; jax {jax.__version__} "
           f"({jax.devices()[0].platform}), torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    rates = {}
     for b in (int(x) for x in args.batches.split(",") if x.strip()):
-        bench_decode(params, cfg, hf, b, args.new_tokens, args.prompt_len, args.reps)
+        rates[b] = bench_decode(params, cfg, hf, b, args.new_tokens, args.prompt_len, args.reps)
     del hf
     if not args.skip_server:
         bench_server(params, cfg, load_tokenizer(model_dir), args.server_clients,
-                     args.server_requests, args.server_max_tokens)
+                     args.server_requests, args.server_max_tokens, rates.get(16))
 
 
 if __name__ == "__main__":

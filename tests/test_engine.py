@@ -2,7 +2,6 @@
 short requests overtake long ones, log-probs equal transformers' log-softmax, constraint masks
 hold, text never splits a character or a stop string, cancelled requests free their slot."""
 
-import threading
 import time
 
 import numpy as np
@@ -56,7 +55,7 @@ def test_staggered_requests_equal_generate_token_for_token(tiny):
 
 def test_short_request_arriving_during_a_long_one_finishes_first(tiny):
     _, params, cfg = tiny
-    with Engine(params, cfg, eos_ids=[NEVER], slots=2) as engine:
+    with Engine(params, cfg, eos_ids=[NEVER], slots=4) as engine:
         long = engine.submit(list(range(3, 20)), SamplingParams(max_new_tokens=400))
         while len(engine._slots[0].tokens if engine._slots[0] else []) < 5:
             time.sleep(0.01)
@@ -71,7 +70,7 @@ def test_short_request_arriving_during_a_long_one_finishes_first(tiny):
 def test_sampled_rows_do_not_depend_on_their_slot_mates(tiny):
     _, params, cfg = tiny
     s = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=7)
-    alone = Engine(params, cfg, eos_ids=[NEVER], slots=2)
+    alone = Engine(params, cfg, eos_ids=[NEVER], slots=4)
     h = alone.submit([9, 8, 7, 6], s)
     drive(alone, [h])
     crowd = Engine(params, cfg, eos_ids=[NEVER], slots=4)
@@ -81,7 +80,7 @@ def test_sampled_rows_do_not_depend_on_their_slot_mates(tiny):
     others.append(crowd.submit([11] * 20, SamplingParams(max_new_tokens=5)))
     drive(crowd, others + [h2])
     assert h.result().token_ids == h2.result().token_ids
-    other_seed = Engine(params, cfg, eos_ids=[NEVER], slots=2)
+    other_seed = Engine(params, cfg, eos_ids=[NEVER], slots=4)
     h3 = other_seed.submit([9, 8, 7, 6], SamplingParams(max_new_tokens=10, temperature=1.0,
                                                         top_p=0.9, top_k=50, seed=8))
     drive(other_seed, [h3])
@@ -91,7 +90,7 @@ def test_sampled_rows_do_not_depend_on_their_slot_mates(tiny):
 def test_logprobs_equal_transformers_log_softmax(tiny):
     hf, params, cfg = tiny
     prompt = [7, 100, 250, 3, 42, 19, 5, 88, 160, 301, 12]
-    engine = Engine(params, cfg, eos_ids=[NEVER], slots=2, chunk_sizes=(4, 8))
+    engine = Engine(params, cfg, eos_ids=[NEVER], slots=4, chunk_sizes=(4, 8))
     h = engine.submit(prompt, SamplingParams(max_new_tokens=6), logprobs=20, prompt_logprobs=5)
     drive(engine, [h])
     res = h.result()
@@ -173,7 +172,7 @@ class Broken(AllowedSet):
 
 def test_a_failing_constraint_fails_only_its_request(tiny):
     _, params, cfg = tiny
-    with Engine(params, cfg, eos_ids=[NEVER], slots=3) as engine:
+    with Engine(params, cfg, eos_ids=[NEVER], slots=4) as engine:
         bad = engine.submit([3, 4], SamplingParams(max_new_tokens=10),
                             constraint=Broken(cfg.vocab_size, {9}, 100))
         good = engine.submit([3, 4], SamplingParams(max_new_tokens=10))
@@ -255,6 +254,46 @@ def test_stop_strings_that_span_tokens_are_held_back_and_cut(smol_tokenizer):
     # A stop string that never completes: everything comes out at the end.
     deltas, inc = stream_text(smol_tokenizer, ids, stop=(text[-3:] + "!",))
     assert not inc.stopped and "".join(deltas) == text
+
+
+class Forced:
+    """A constraint that allows exactly the next token of a fixed sequence."""
+
+    def __init__(self, vocab, ids):
+        self.vocab, self.ids, self.at = vocab, list(ids), 0
+
+    def next_mask(self):
+        mask = np.zeros(self.vocab, bool)
+        mask[self.ids[min(self.at, len(self.ids) - 1)]] = True
+        return mask
+
+    def accept(self, token):
+        assert token == self.ids[self.at]
+        self.at += 1
+
+    def is_terminated(self):
+        return self.at >= len(self.ids)
+
+
+def test_streamed_text_of_forced_multibyte_tokens_never_splits_a_character(tmp_path,
+                                                                           smol_tokenizer):
+    path = tmp_path / "tiny49k"
+    make_hf_model(path, vocab_size=49152)
+    model, cfg = load_hf(path)
+    tok = smol_tokenizer
+    text = "Grüße, 東京タワー 🦜🌊 — and so on."
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert any("\ufffd" in tok.decode([t]) for t in ids)
+    engine = Engine(model.params(), cfg, eos_ids=[2], tokenizer=tok, slots=2)
+    pieces = []
+    hs = [engine.submit([5, 6], SamplingParams(max_new_tokens=64), constraint=Forced(cfg.vocab_size, ids),
+                        on_output=lambda out: pieces.append(out.text)),
+          engine.submit([5, 6], SamplingParams(max_new_tokens=64, stop=("タワ",)),
+                        constraint=Forced(cfg.vocab_size, ids))]
+    drive(engine, hs)
+    assert hs[0].result_value.token_ids == ids and "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces) and len([p for p in pieces if p]) > 5
+    assert hs[1].result_value.text == "Grüße, 東京" and hs[1].result_value.finish_reason == "stop"
 
 
 @pytest.mark.slow

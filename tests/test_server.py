@@ -4,7 +4,6 @@ A tiny random Llama written by transformers (with the embedded SmolLM2 tokenizer
 it shares) is served on 127.0.0.1 in-process; the official ``openai`` client talks to it.
 """
 
-import asyncio
 import concurrent.futures as cf
 import json
 import socket
@@ -16,14 +15,17 @@ import urllib.request
 
 from pathlib import Path
 
+import numpy as np
 import openai
 import pytest
 import torch
+from aiohttp import web
 
 from cosa_jax.chat import render_prompt
 from cosa_jax.inference.auth import (AuthError, RegistryError, apply_policy, load_registry,
                                      parse_registry)
 from cosa_jax.inference.sampler import SamplingParams, generate
+from cosa_jax.inference.gateway import create_gateway_app
 from cosa_jax.inference.server import BackgroundServer, ChatModel, create_app
 from cosa_jax.models import EMBEDDED_MODEL, load_tokenizer
 from cosa_jax.testing.model_fixtures import make_hf_model
@@ -63,6 +65,24 @@ def served(tiny_dir):
     yield hf, model, open_srv, auth_srv
     open_srv.stop()
     auth_srv.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway_srv(served, tiny_dir):
+    """The policy gateway (launch.serve --upstream) in front of the OPEN server: the same
+    registry and default config, so every auth rule must hold through it too."""
+    path, _ = tiny_dir
+    srv = BackgroundServer(create_gateway_app(served[2].base_url,
+                                              registry=load_registry(path / "registry.json"),
+                                              default_config=DEFAULT_CONFIG)).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(params=["server", "gateway"])
+def guarded(request, served):
+    """The authorised-config server itself, or the gateway applying the same registry."""
+    return served[3] if request.param == "server" else request.getfixturevalue("gateway_srv")
 
 
 def client(srv, key="unused"):
@@ -182,8 +202,9 @@ def test_sampling_is_seeded(served):
 
 
 # ------------------------------------------------------------------------ authorised configs
-def test_authorised_key_may_use_its_config_by_text_or_by_name(served):
-    _, model, _, srv = served
+def test_authorised_key_may_use_its_config_by_text_or_by_name(served, guarded):
+    _, model, _, _ = served
+    srv = guarded
     c = client(srv, "sk-studio")
     by_text = ask(c, "Write a duel scene.", VIOLENCE_OK)
     by_name = ask(c, "Write a duel scene.", extra_body={"safety_config": "violence-ok"})
@@ -195,16 +216,17 @@ def test_authorised_key_may_use_its_config_by_text_or_by_name(served):
     assert by_text.choices[0].message.content == ours.text
 
 
-def test_other_config_from_authorised_key_is_refused(served):
-    _, _, _, srv = served
+def test_other_config_from_authorised_key_is_refused(served, guarded):
+    srv = guarded
     with pytest.raises(openai.PermissionDeniedError, match="not one of the safety configs"):
         ask(client(srv, "sk-studio"), "Hi", "Everything is allowed.")
     with pytest.raises(openai.PermissionDeniedError, match="may not use safety config"):
         ask(client(srv, "sk-studio"), "Hi", extra_body={"safety_config": "other"})
 
 
-def test_key_without_rights_gets_the_default_config_and_may_not_send_one(served):
-    _, model, _, srv = served
+def test_key_without_rights_gets_the_default_config_and_may_not_send_one(served, guarded):
+    _, model, _, _ = served
+    srv = guarded
     c = client(srv, "sk-reader")
     resp = ask(c, "Hi")
     assert resp.usage.prompt_tokens == len(prompt_ids(model, DEFAULT_CONFIG, "Hi"))
@@ -220,15 +242,16 @@ def test_key_without_rights_gets_the_default_config_and_may_not_send_one(served)
     assert studio.usage.prompt_tokens == resp.usage.prompt_tokens
 
 
-def test_wildcard_key_may_send_any_config(served):
-    _, model, _, srv = served
+def test_wildcard_key_may_send_any_config(served, guarded):
+    _, model, _, _ = served
+    srv = guarded
     text = "Only poetry is allowed."
     resp = ask(client(srv, "sk-admin"), "Hi", text)
     assert resp.usage.prompt_tokens == len(prompt_ids(model, text, "Hi"))
 
 
-def test_unknown_or_missing_key_is_401(served):
-    _, _, _, srv = served
+def test_unknown_or_missing_key_is_401(served, guarded):
+    srv = guarded
     with pytest.raises(openai.AuthenticationError, match="unknown API key"):
         ask(client(srv, "sk-nobody"), "Hi")
     with pytest.raises(openai.AuthenticationError):
@@ -357,6 +380,263 @@ def test_launch_serve_cli_end_to_end(tiny_dir, tmp_path):
         proc.wait(timeout=30)
 
 
+# ------------------------------------------------------------------------ streaming
+def test_streamed_deltas_join_to_the_text_and_stop_strings_spanning_tokens(served):
+    _, model, srv, _ = served
+    c = client(srv)
+
+    def full(seed, **kw):
+        return ask(c, "Write anything.", temperature=1.0, seed=seed, max_tokens=24,
+                   logprobs=True, **kw).choices[0]
+
+    def streamed(seed, **kw):
+        chunks = list(ask(c, "Write anything.", temperature=1.0, seed=seed, max_tokens=24,
+                          stream=True, **kw))
+        pieces = [ch.choices[0].delta.content for ch in chunks
+                  if ch.choices and ch.choices[0].delta.content]
+        return pieces, [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1]
+
+    # (Characters split across tokens: the tiny random model never writes them, see
+    # test_smollm2_streams_split_characters_intact and test_engine's forced-token test.)
+    seed = 0
+    one = full(seed)
+    pieces, finish = streamed(seed)
+    assert "".join(pieces) == one.message.content and finish == one.finish_reason
+    assert len(pieces) > 3
+
+    # A stop string across a token boundary: the text before it, streamed or not.
+    data = b"".join(bytes(t.bytes) for t in one.logprobs.content)
+    text, bounds, at = one.message.content, [], 0
+    for t in one.logprobs.content:
+        at += len(t.bytes)
+        try:
+            bounds.append(len(data[:at].decode("utf-8")))
+        except UnicodeDecodeError:
+            continue
+    cut = next(b for b in bounds if 2 <= b <= len(text) - 2 and text.find(text[b - 2:b + 2]) == b - 2)
+    stop = text[cut - 2:cut + 2]
+    stopped = full(seed, stop=[stop])
+    pieces, finish = streamed(seed, stop=[stop])
+    assert stopped.message.content == "".join(pieces) == text[:cut - 2]
+    assert stopped.finish_reason == finish == "stop"
+
+
+def _stats(srv):
+    with urllib.request.urlopen(srv.base_url.replace("/v1", "/stats"), timeout=10) as r:
+        return json.loads(r.read())
+
+
+def _wait_until(cond, seconds=30.0):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_disconnects_frees_its_slot(served, stream, caplog):
+    _, model, _, _ = served
+    caplog.set_level("INFO", logger="cosa_jax.inference.engine")
+    with BackgroundServer(create_app(model, served_model_name=MODEL, max_batch=2)) as srv:
+        body = json.dumps({"model": MODEL, "max_tokens": 1900, "temperature": 0,
+                           "stream": stream, "messages": [{"role": "user", "content": "Go on."}]})
+        sock = socket.create_connection(("127.0.0.1", srv.port))
+        sock.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                      f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                      f"{body}").encode())
+        assert _wait_until(lambda: _stats(srv)["decode_steps"] >= 3)
+        if stream:
+            assert b"data:" in sock.recv(65536)
+        sock.close()
+        assert _wait_until(lambda: _stats(srv)["active"] == 0)
+        after = _stats(srv)
+        assert after["cancelled"] == 1 and after["decode_steps"] < 1900
+        # The slot serves the next request at once.
+        assert ask(client(srv), "Hi", max_tokens=3).usage.completion_tokens == 3
+    lines = [r.getMessage() for r in caplog.records if "client disconnected" in r.getMessage()]
+    assert len(lines) == 1 and "freed" in lines[0]
+
+
+# ------------------------------------------------------------------------ log-probs
+def _torch_logp(hf, ids):
+    with torch.no_grad():
+        return torch.log_softmax(hf(torch.tensor([ids])).logits[0].double(), -1).numpy()
+
+
+def test_chat_logprobs_equal_transformers_log_softmax(served):
+    hf, model, srv, _ = served
+    resp = ask(client(srv), "Name a bird.", max_tokens=6, logprobs=True, top_logprobs=5)
+    ids = prompt_ids(model, None, "Name a bird.")
+    out = generate(model.params, model.cfg, [ids], SamplingParams(max_new_tokens=6),
+                   eos_ids=model.eos_ids)[0].token_ids
+    ref = _torch_logp(hf, ids + out)
+    content = resp.choices[0].logprobs.content
+    assert len(content) == len(out)
+    for j, (entry, tok) in enumerate(zip(content, out)):
+        row = ref[len(ids) + j - 1]
+        assert entry.token == model.tokenizer.decode([tok])
+        assert abs(entry.logprob - row[tok]) < 1e-4
+        assert len(entry.top_logprobs) == 5
+        np.testing.assert_allclose([t.logprob for t in entry.top_logprobs],
+                                   np.sort(row)[::-1][:5], atol=1e-4)
+        assert entry.top_logprobs[0].logprob >= entry.logprob - 1e-6   # greedy: the best
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        ask(client(srv), "Hi", logprobs=True, top_logprobs=21)
+
+
+def test_completions_echo_logprobs_give_lm_eval_loglikelihoods(served):
+    hf, model, srv, _ = served
+    tok = model.tokenizer
+    ctx = tok("The capital of France is")["input_ids"]
+    conts = [tok(" Paris")["input_ids"], tok(" a large green dog")["input_ids"]]
+    # lm-eval's local-completions body for a log-likelihood batch (tokenized requests).
+    resp = client(srv).completions.create(model=MODEL, prompt=[ctx + c for c in conts],
+                                          max_tokens=1, logprobs=1, echo=True, temperature=0,
+                                          seed=1234)
+    choices = sorted(resp.choices, key=lambda ch: ch.index)
+    assert len(choices) == 2
+    for ch, cont in zip(choices, conts):
+        ids = ctx + cont
+        lp = ch.logprobs
+        assert len(lp.token_logprobs) == len(ids) + 1 and lp.token_logprobs[0] is None
+        # lm-eval's parse: sum over the continuation, greedy if each equals its top-1.
+        ctxlen = len(ctx)
+        loglik = sum(lp.token_logprobs[ctxlen:-1])
+        greedy = all(t == max(top.values())
+                     for t, top in zip(lp.token_logprobs[ctxlen:-1], lp.top_logprobs[ctxlen:-1]))
+        ref = _torch_logp(hf, ids)
+        want = sum(ref[i - 1, ids[i]] for i in range(ctxlen, len(ids)))
+        assert abs(loglik - want) < 1e-3
+        assert greedy == all(int(ref[i - 1].argmax()) == ids[i] for i in range(ctxlen, len(ids)))
+        for i in range(1, len(ids)):
+            assert abs(lp.token_logprobs[i] - ref[i - 1, ids[i]]) < 1e-4
+        assert ch.text.startswith(tok.decode(ids))
+    # max_tokens=0 with echo: the prompt scored, nothing generated.
+    only = client(srv).completions.create(model=MODEL, prompt=ctx, max_tokens=0, logprobs=0,
+                                          echo=True)
+    assert only.choices[0].text == tok.decode(ctx) and only.usage.completion_tokens == 0
+    assert len(only.choices[0].logprobs.token_logprobs) == len(ctx)
+
+
+def test_completions_text_prompt_stream_and_max_completion_tokens(served):
+    _, model, srv, _ = served
+    c = client(srv)
+    text = "Once upon a time"
+    ids = model.encode_prompt(text)
+    ours = generate(model.params, model.cfg, [ids], SamplingParams(max_new_tokens=9),
+                    eos_ids=model.eos_ids, tokenizer=model.tokenizer)[0]
+    one = c.completions.create(model=MODEL, prompt=text, max_tokens=9, temperature=0)
+    assert one.choices[0].text == ours.text and one.object == "text_completion"
+    assert one.usage.prompt_tokens == len(ids)
+    chunks = list(c.completions.create(model=MODEL, prompt=text, max_tokens=9, temperature=0,
+                                       stream=True, stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == ours.text
+    assert chunks[-1].usage.completion_tokens == one.usage.completion_tokens
+    chat = ask(c, "Hi", max_tokens=None, max_completion_tokens=3)
+    assert chat.usage.completion_tokens <= 3
+    assert chat.usage.completion_tokens == 3 or chat.choices[0].finish_reason == "stop"
+
+
+def test_raw_prompts_need_a_key_that_may_set_any_config(served, guarded):
+    srv = guarded
+    with pytest.raises(openai.PermissionDeniedError, match="raw prompts"):
+        client(srv, "sk-studio").completions.create(model=MODEL, prompt="Hi", max_tokens=2)
+    with pytest.raises(openai.AuthenticationError):
+        client(srv, "sk-nobody").completions.create(model=MODEL, prompt="Hi", max_tokens=2)
+    ok = client(srv, "sk-admin").completions.create(model=MODEL, prompt="Hi", max_tokens=2,
+                                                    temperature=0)
+    assert ok.usage.completion_tokens >= 1
+
+
+# ------------------------------------------------------------------------ the gateway
+def test_gateway_refusals_are_the_servers_own(served, gateway_srv):
+    _, _, _, auth_srv = served
+    cases = [({}, {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}),
+             ({"Authorization": "Bearer sk-nobody"}, {"model": MODEL, "messages": [
+                 {"role": "user", "content": "Hi"}]}),
+             ({"Authorization": "Bearer sk-reader"}, {"model": MODEL, "messages": [
+                 {"role": "system", "content": VIOLENCE_OK}, {"role": "user", "content": "Hi"}]}),
+             ({"Authorization": "Bearer sk-studio"}, {"model": MODEL, "safety_config": "nope",
+                                                      "messages": [{"role": "user", "content": "Hi"}]})]
+    for headers, body in cases:
+        direct = raw_post(auth_srv, json.dumps(body).encode(), headers)
+        via = raw_post(gateway_srv, json.dumps(body).encode(), headers)
+        assert direct == via and direct[0] in (401, 403), (direct, via)
+
+
+def test_gateway_passes_a_streamed_answer_through_intact(served, gateway_srv):
+    _, _, open_srv, _ = served
+
+    def deltas(srv):
+        chunks = list(ask(client(srv, "sk-admin"), "Tell a story.", "Stories only.", max_tokens=12,
+                          stream=True, stream_options={"include_usage": True}))
+        return ([ch.choices[0].delta.content for ch in chunks if ch.choices],
+                [ch.choices[0].finish_reason for ch in chunks if ch.choices], chunks[-1].usage)
+
+    direct, via = deltas(open_srv), deltas(gateway_srv)
+    assert direct == via and len(direct[0]) > 3
+    # No system message: the gateway puts the default config in, as the server would.
+    assert ask(client(gateway_srv, "sk-admin"), "Hi", max_tokens=4).choices[0].message.content == \
+        ask(client(open_srv), "Hi", DEFAULT_CONFIG, max_tokens=4).choices[0].message.content
+
+
+def test_gateway_answers_502_when_the_upstream_fails(tiny_dir):
+    path, _ = tiny_dir
+    registry = load_registry(path / "registry.json")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    with BackgroundServer(create_gateway_app(f"http://127.0.0.1:{dead}/v1", registry=registry)) as gw:
+        with pytest.raises(openai.InternalServerError, match="upstream .* failed") as e:
+            ask(client(gw, "sk-admin"), "Hi")
+        assert e.value.status_code == 502
+        with pytest.raises(openai.AuthenticationError):   # the policy still answers first
+            ask(client(gw, "sk-nobody"), "Hi")
+
+    async def broken(request):
+        return web.json_response({"detail": "out of memory"}, status=500)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", broken)
+    with BackgroundServer(app) as upstream, \
+            BackgroundServer(create_gateway_app(upstream.base_url, registry=registry)) as gw:
+        with pytest.raises(openai.InternalServerError, match="HTTP 500.*out of memory") as e:
+            ask(client(gw, "sk-admin"), "Hi")
+        assert e.value.status_code == 502
+
+
+def test_launch_serve_upstream_runs_the_gateway(served, tiny_dir, tmp_path):
+    _, model, open_srv, _ = served
+    path, _ = tiny_dir
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launch.serve", "--upstream", open_srv.base_url, "--port", str(port),
+         "--auth-registry", str(path / "registry.json"), "--default-config", DEFAULT_CONFIG],
+        cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+                assert time.time() < deadline, "gateway did not come up in 120 s"
+                time.sleep(0.5)
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-reader", max_retries=0)
+        resp = ask(c, "Hi", max_tokens=4)
+        assert resp.usage.prompt_tokens == len(prompt_ids(model, DEFAULT_CONFIG, "Hi"))
+        with pytest.raises(openai.PermissionDeniedError):
+            ask(c, "Hi", "Anything goes.")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 # ------------------------------------------------------------------------ the real embedded model
 @pytest.mark.slow
 def test_smollm2_server_answer_equals_transformers_generate():
@@ -382,3 +662,30 @@ def test_smollm2_server_answer_equals_transformers_generate():
     assert resp.choices[0].message.content == ref_text
     assert "Paris" in ref_text
     assert resp.usage.completion_tokens == len(ref)
+
+
+@pytest.mark.slow
+def test_smollm2_streams_split_characters_intact():
+    """SmolLM2 writes CJK characters as several byte-level tokens each: the streamed deltas
+    never carry half a character, join to the whole text, and a stop string spanning tokens
+    cuts both the same way."""
+    model = ChatModel.load(EMBEDDED_MODEL)
+    prompt = "日本の都市: 東京, 大阪, 京都, 名古屋,"
+    with BackgroundServer(create_app(model, served_model_name="smol")) as srv:
+        c = client(srv)
+        kw = dict(model="smol", prompt=prompt, max_tokens=16, temperature=0)
+        whole = c.completions.create(**kw).choices[0].text
+        pieces = [ch.choices[0].text for ch in c.completions.create(stream=True, **kw)
+                  if ch.choices and ch.choices[0].text]
+        ids = model.encode_prompt(prompt)
+        out = generate(model.params, model.cfg, [ids], SamplingParams(max_new_tokens=16),
+                       eos_ids=model.eos_ids)[0].token_ids
+        assert any("\ufffd" in model.tokenizer.decode([t]) for t in out)   # split characters
+        assert whole == model.tokenizer.decode(out, skip_special_tokens=True)
+        assert "".join(pieces) == whole and not any("\ufffd" in p for p in pieces)
+        stop = whole.strip()[1:3]          # two CJK characters: several tokens
+        cut = whole[:whole.find(stop)]
+        stopped = c.completions.create(stop=[stop], **kw).choices[0]
+        streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+            stream=True, stop=[stop], **kw) if ch.choices)
+        assert stopped.text == streamed == cut and stopped.finish_reason == "stop"

@@ -510,6 +510,25 @@ class Engine:
         handles = [self.submit(p, s, **kw) for p, s in zip(prompts, per)]
         return [h.result() for h in handles]
 
+    def warmup(self, prompt_len: int, max_new_tokens: int) -> None:
+        """Compile, before serving, the programs requests of this shape will use: a prefill
+        for every row bucket (1, 2, 4, .. slots) and the decode step at the cache length such
+        requests need. Call before ``start()``."""
+        if self._thread is not None:
+            raise RuntimeError("warmup() drives the loop itself: call it before start()")
+        from cosa_jax.inference.sampler import SamplingParams
+        rows = 1
+        while rows <= self.slots:
+            handles = [self.submit([0] * prompt_len, SamplingParams(max_new_tokens=max_new_tokens))
+                       for _ in range(rows)]
+            self.step()
+            self.step()
+            for h in handles:
+                h.cancel("warm-up done")
+            self.step()
+            rows *= 2
+        self.stats = EngineStats()
+
     # ------------------------------------------------------------------ the loop
     def _run(self) -> None:
         try:
@@ -562,7 +581,8 @@ class Engine:
             self._slots[i] = _Slot(h, detok, self._chunk_plan(len(h.prompt_ids)),
                                    self.cache_need(len(h.prompt_ids), h.sampling.max_new_tokens))
             s = h.sampling
-            self._temp[i], self._top_p[i], self._top_k[i] = s.temperature, s.top_p, s.top_k
+            self._temp[i], self._top_p[i] = s.temperature, s.top_p
+            self._top_k[i] = min(s.top_k, self.vocab)
             self._seed[i] = s.seed % 2**32
             self.stats.requests += 1
 
@@ -592,8 +612,10 @@ class Engine:
         for i, s in enumerate(self._slots):
             if s is not None and s.handle.cancelled.is_set():
                 self.stats.cancelled += 1
-                log.info("request %d %s: slot %d freed after %d tokens", s.handle.id,
-                         s.handle.cancel_reason, i, len(s.tokens))
+                quiet = s.handle.cancel_reason == "warm-up done"
+                (log.debug if quiet else log.info)(
+                    "request %d %s: slot %d freed after %d tokens", s.handle.id,
+                    s.handle.cancel_reason, i, len(s.tokens))
                 self._finish(i, "cancelled")
         if self.active == 0:
             return

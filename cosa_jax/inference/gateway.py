@@ -113,11 +113,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def completions(request: web.Request) -> web.StreamResponse:
     state = request.app[GATEWAY_KEY]
     key = _check_key(request, state.registry)
+    body = await _json_body(request)
     try:
         check_raw_prompt(key, state.registry)
     except AuthError as e:
         raise ApiError(e.status, e.message, code=e.code) from None
-    body = await _json_body(request)
     return await _forward(request, state, "POST", "/completions", body)
 
 

@@ -225,10 +225,11 @@ def _check_name(name: Any, where: str, key: str) -> str:
 
 def _str_field(entry: Mapping[str, Any], field: str, where: str, key: str, default: str | None = None) -> str:
     v = entry.get(field, default)
+    k = f"{key}.{field}" if key else field
     if not isinstance(v, str) or not v.strip():
-        raise _fail(where, f"{key}.{field}", f"must be a non-empty string, got {v!r}")
+        raise _fail(where, k, f"must be a non-empty string, got {v!r}")
     if "\n" in v.strip():
-        raise _fail(where, f"{key}.{field}", "must be one line")
+        raise _fail(where, k, "must be one line")
     return v.strip()
 
 

@@ -112,23 +112,30 @@ def embed_tfidf(prompts: Sequence[str]) -> np.ndarray:
     return TfidfVectorizer(lowercase=True, stop_words="english").fit_transform(prompts).toarray().astype(np.float32)
 
 
+def mean_pooled_hidden(params: Any, mcfg: Any, ids_bt: Any, mask_bt: Any) -> Any:
+    """[b, d]: the mean over real (mask 1) tokens of the final-normed hidden states. Pure."""
+    import jax.numpy as jnp
+
+    from cosa_jax.models.llama import forward_hidden
+
+    h, _ = forward_hidden(params, mcfg, ids_bt, mask_bt)
+    m = mask_bt.astype(jnp.float32)[..., None]
+    return (h.astype(jnp.float32) * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
+
+
 def model_embedder(model_path: str, max_tokens: int = 128) -> Callable[[list[str]], np.ndarray]:
-    """Mean over real tokens of the model's final-normed hidden states (``forward_hidden``)."""
+    """Texts -> ``mean_pooled_hidden`` of the model at ``model_path`` (an HF dir or embedded:NAME)."""
+    import functools
+
     import jax
     import jax.numpy as jnp
 
     from cosa_jax.models.hf_io import load_hf, load_tokenizer
-    from cosa_jax.models.llama import forward_hidden
 
     model, mcfg = load_hf(model_path)
     params = model.params()
     tok = load_tokenizer(model_path)
-
-    @jax.jit
-    def pooled(params, ids, mask):
-        h, _ = forward_hidden(params, mcfg, ids, mask)
-        m = mask.astype(jnp.float32)[..., None]
-        return (h.astype(jnp.float32) * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
+    pooled = jax.jit(functools.partial(mean_pooled_hidden, mcfg=mcfg))
 
     def embed(texts: list[str]) -> np.ndarray:
         enc = [tok(t, add_special_tokens=False)["input_ids"][:max_tokens] or [0] for t in texts]
@@ -137,7 +144,7 @@ def model_embedder(model_path: str, max_tokens: int = 128) -> Callable[[list[str
         mask = np.zeros((len(enc), t), np.int32)
         for i, e in enumerate(enc):
             ids[i, : len(e)], mask[i, : len(e)] = e, 1
-        return np.asarray(pooled(params, jnp.asarray(ids), jnp.asarray(mask)))
+        return np.asarray(pooled(params, ids_bt=jnp.asarray(ids), mask_bt=jnp.asarray(mask)))
 
     return embed
 

@@ -155,17 +155,17 @@ def test_bad_config_names_the_field(field, value, match):
 def test_model_embedding_is_mean_pooled_hidden_states(tmp_path):
     """Our JAX mean pooling against transformers' PyTorch Llama on a tiny random model."""
     torch = pytest.importorskip("torch")
-    from transformers import AutoTokenizer, LlamaModel
+    import jax.numpy as jnp
 
-    from cosa_jax.testing.model_fixtures import make_tiny_chat_model
+    from cosa_jax.models.hf_io import load_hf
+    from cosa_jax.testing.model_fixtures import make_hf_model, right_padded_batch
 
-    d = make_tiny_chat_model(tmp_path / "tiny")
-    texts = ["How do I knead sourdough?", "A much longer question about sailing a dinghy in strong wind"]
-    got = td.model_embedder(str(d), max_tokens=64)(texts)
-    tok = AutoTokenizer.from_pretrained(str(d))
-    ref = LlamaModel.from_pretrained(str(d), torch_dtype=torch.float32).eval()
-    for text, row in zip(texts, got):
-        ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
-        with torch.no_grad():
-            h = ref(input_ids=ids).last_hidden_state[0]
-        np.testing.assert_allclose(row, h.mean(0).numpy(), rtol=1e-4, atol=1e-5)
+    ref = make_hf_model(tmp_path / "tiny", vocab_size=128)
+    model, mcfg = load_hf(tmp_path / "tiny")
+    ids, mask = right_padded_batch(128, [5, 11, 8])
+    got = np.asarray(td.mean_pooled_hidden(model.params(), mcfg, jnp.asarray(ids), jnp.asarray(mask)))
+    with torch.no_grad():
+        h = ref.model(input_ids=torch.as_tensor(ids, dtype=torch.long),
+                      attention_mask=torch.as_tensor(mask, dtype=torch.long)).last_hidden_state.numpy()
+    for b, n in enumerate(mask.sum(1)):
+        np.testing.assert_allclose(got[b], h[b, :n].mean(0), rtol=1e-4, atol=1e-5)

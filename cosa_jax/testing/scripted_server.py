@@ -431,8 +431,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reply", choices=("echo", "scripted"), default="echo")
     ap.add_argument("--fault-rate", type=float, default=0.0)
     ap.add_argument("--judge-garbage-rate", type=float, default=0.0)
+    ap.add_argument("--taxonomy", default="", help="taxonomy file the scripted judge answers in (default: cosa)")
+    ap.add_argument("--labels", default="", help="JSONL of {prompt, categories} in that taxonomy (default: the mini set)")
     a = ap.parse_args(argv)
-    reply = echo_reply if a.reply == "echo" else ScriptedReplies(judge_garbage_rate=a.judge_garbage_rate)
+    labels = None
+    if a.labels or a.taxonomy:
+        if not a.labels:
+            ap.error("--taxonomy needs --labels: a JSONL of {prompt, categories} in that taxonomy")
+        with open(a.labels, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        labels = PromptLabels.from_rows(rows, a.taxonomy or None)
+    reply = echo_reply if a.reply == "echo" else ScriptedReplies(labels, judge_garbage_rate=a.judge_garbage_rate)
     srv = FakeChatServer(reply, latency_s=a.latency, fault_rate=a.fault_rate, host=a.host, port=a.port)
 
     async def serve():

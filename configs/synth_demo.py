@@ -38,6 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.sources = [dict(kind="mini")]
     c.test_prompts = []  # e.g. ["path/to/test_prompts.jsonl"] or [dict(kind="hub", preset="cosalign_test")]
     c.length_filter = dict(min_exclusive=3, max=64, tokenizer="")
+    c.taxonomy = ""  # taxonomy file or shipped name ("" = cosa); set train_categories = [] for its seen ones
     c.train_categories = [cat.value for cat in SEEN_CATEGORIES]
     c.min_label_group = 1  # the paper uses 10; the mini set is too small for that
     c.max_per_label_group = 2500

@@ -20,6 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.sources = [dict(kind="hub", preset="beavertails"), dict(kind="hub", preset="wildguardmix")]
     c.test_prompts = [dict(kind="hub", preset="cosalign_test")]
     c.length_filter = dict(min_exclusive=3, max=64, tokenizer="")  # set a tokenizer dir to count tokens
+    c.taxonomy = ""  # taxonomy file or shipped name ("" = cosa); set train_categories = [] for its seen ones
     c.train_categories = [cat.value for cat in SEEN_CATEGORIES]
     c.min_label_group = 10
     c.max_per_label_group = 2500

@@ -12,12 +12,7 @@ from typing import Iterable, Sequence, TypeVar
 
 import numpy as np
 
-from cosa_jax.taxonomy import (
-    SEEN_CATEGORIES,
-    Category,
-    parse_categories,
-    sort_categories,
-)
+from cosa_jax.taxonomy import Category, Taxonomy, sort_categories, taxonomy_of
 
 T = TypeVar("T")
 Rng = random.Random | np.random.Generator
@@ -98,24 +93,30 @@ def _sample(items: Sequence[T], k: int, rng: Rng) -> list[T]:
 # ----- rendering ---------------------------------------------------------------------------
 
 
-def render_category_list(allowed: Iterable[Category | str], rng: Rng) -> str:
-    """One ``- Name: definition`` line per allowed category in shuffled order, or ``None.``."""
-    cats = [c for c in parse_categories(allowed)]
-    if Category.OTHER in cats:
-        raise ValueError("'Other Harms' can never be allowed in a safety config")
+def render_category_list(allowed: Iterable[Category | str], rng: Rng, taxonomy: Taxonomy | str | None = None) -> str:
+    """One ``- Name: definition`` line per allowed category in shuffled order, or ``None.``.
+
+    Names and definitions come from ``taxonomy`` (else that of the categories given, else the default).
+    """
+    allowed = list(allowed)
+    cats = list(taxonomy_of(allowed, taxonomy=taxonomy).parse_categories(allowed))
+    for c in cats:
+        if not c.allowable:
+            raise ValueError(f"{c.value!r} can never be allowed in a safety config")
     if not cats:
         return "None."
     return "\n".join(f"- {c.value}: {c.definition}" for c in shuffled(cats, rng))
 
 
 def render_category_config(
-    allowed: Iterable[Category | str], rng: Rng, template_index: int | None = None
+    allowed: Iterable[Category | str], rng: Rng, template_index: int | None = None,
+    taxonomy: Taxonomy | str | None = None,
 ) -> str:
     """System prompt for an allowed-category set: a template drawn from ``rng`` (unless given)."""
     idx = randint_inclusive(rng, 0, len(TEMPLATES) - 1) if template_index is None else template_index
     if not 0 <= idx < len(TEMPLATES):
         raise ValueError(f"template_index must be in [0, {len(TEMPLATES)}), got {idx}")
-    return TEMPLATES[idx].format(categories=render_category_list(allowed, rng))
+    return TEMPLATES[idx].format(categories=render_category_list(allowed, rng, taxonomy))
 
 
 def render_freeform_config(text: str) -> str:
@@ -136,19 +137,24 @@ def config_messages(system_prompt: str, prompt: str) -> list[dict[str, str]]:
 def sample_allowed(
     mode: str,
     prompt_categories: Iterable[Category | str],
-    train_categories: Iterable[Category | str] = SEEN_CATEGORIES,
+    train_categories: Iterable[Category | str] | None = None,
     rng: Rng | None = None,
+    taxonomy: Taxonomy | str | None = None,
 ) -> tuple[Category, ...]:
     """Sample the allowed set C_s for a prompt with risk categories C_x under one mode (spec §3).
 
     exact_match: C_x.  superset: C_x plus k ~ U{0..|T\\C_x|} extras from T\\C_x.  safe: {}.
     not_superset: a subset of C_x of size U{0..|C_x|-1} plus extras from T\\C_x; {} if C_x is empty.
-    Other Harms is removed from C_x first. Returns categories sorted by id.
+    Other Harms (every non-allowable category) is removed from C_x first. ``train_categories``
+    defaults to the taxonomy's seen categories. Returns categories sorted by id.
     """
     if mode not in MODES:
         raise ValueError(f"unknown config sampling mode {mode!r}; expected one of {MODES}")
-    cx = [c for c in parse_categories(prompt_categories) if c != Category.OTHER]
-    train = [c for c in parse_categories(train_categories) if c != Category.OTHER]
+    prompt_categories = list(prompt_categories)
+    train_in = None if train_categories is None else list(train_categories)
+    tax = taxonomy_of(prompt_categories, train_in or [], taxonomy=taxonomy)
+    cx = [c for c in tax.parse_categories(prompt_categories) if c.allowable]
+    train = [c for c in (tax.seen if train_in is None else tax.parse_categories(train_in)) if c.allowable]
     extras_pool = [c for c in train if c not in cx]
     if mode == "exact_match":
         return sort_categories(cx)
@@ -169,4 +175,4 @@ def sample_allowed(
 
 def is_superset(allowed: Iterable[Category], prompt_categories: Iterable[Category]) -> bool:
     """Whether a config allows every (non-Other) category of the prompt."""
-    return {c for c in prompt_categories if c != Category.OTHER} <= set(allowed)
+    return {c for c in prompt_categories if c.allowable} <= set(allowed)

@@ -28,7 +28,7 @@ from typing import Any, Iterable, Mapping
 from cosa_jax.data import is_hub_repo_dir
 from cosa_jax.jsonl import iter_jsonl_objects
 from cosa_jax import safety_configs as sc
-from cosa_jax.taxonomy import Category, from_dash_string, from_dotted_name, parse_categories
+from cosa_jax.taxonomy import Category, Taxonomy, default_taxonomy, load_taxonomy, parse_categories
 
 COSALIGN_TEST_HUB = "microsoft/CoSAlign-Test"
 COSAPIEN_HUB = "microsoft/CoSApien"
@@ -38,23 +38,10 @@ MINI_COSALIGN_TEST = "cosalign_test_mini.jsonl"
 MINI_COSAPIEN = "cosapien_mini.jsonl"
 MINI_COSAPIEN_SHOTS = "cosapien_shots_mini.jsonl"
 
-C = Category
-# The 8 hub split names, spelled out: two of them do not round-trip through the generic dotted
-# converter ("Illegal_Drug.Related_..." splits a category name at its hyphen; "safe" is empty).
-COSALIGN_TEST_SPLITS: dict[str, tuple[Category, ...]] = {
-    "safe": (),
-    "Violence": (C.VIOLENCE,),
-    "Financial_Crime_and_Theft.Privacy_Violations": (C.FINANCIAL_CRIME, C.PRIVACY),
-    "Discrimination_and_Verbal_Abuse.Violence": (C.DISCRIMINATION, C.VIOLENCE),
-    "Financial_Crime_and_Theft.Discrimination_and_Verbal_Abuse.Violence": (
-        C.FINANCIAL_CRIME,
-        C.DISCRIMINATION,
-        C.VIOLENCE,
-    ),
-    "Illegal_Drug.Related_Activities_and_Substance_Abuse": (C.DRUGS,),
-    "Sexual_Misconduct_Exploitation_and_Infidelity": (C.SEXUAL,),
-    "Violence.Weapons_Explosives_Arson_and_Illegal_Firearm_Transactions": (C.VIOLENCE, C.WEAPONS),
-}
+# The 8 hub split names, spelled out in the taxonomy file's ``test_configs``: two of them do not
+# round-trip through the generic dotted converter ("Illegal_Drug.Related_..." splits a category
+# name at its hyphen; "safe" is empty).
+COSALIGN_TEST_SPLITS: dict[str, tuple[Category, ...]] = dict(default_taxonomy().test_configs)
 COSALIGN_TEST_HUB_CONFIGS = ("seen", "unseen")
 COSAPIEN_SPLITS = (
     "game_development",
@@ -64,23 +51,14 @@ COSAPIEN_SPLITS = (
     "film_production",
 )
 
-# Short names for tables and plots, in category-id order.
-SHORT_NAMES: dict[Category, str] = {
-    C.FINANCIAL_CRIME: "FinCrime",
-    C.DISCRIMINATION: "Discrim",
-    C.VIOLENCE: "Violence",
-    C.DRUGS: "Drugs",
-    C.PRIVACY: "Privacy",
-    C.SEXUAL: "Sexual",
-    C.WEAPONS: "Weapons",
-    C.OTHER: "Other",
-}
+# Short names for tables and plots, in category-id order (each category's ``short`` in its file).
+SHORT_NAMES: dict[Category, str] = {c: c.short for c in default_taxonomy().categories}
 
 
 def config_id_for(allowed: Iterable[Category]) -> str:
     """``none``, ``Violence``, ``FinCrime+Privacy``...: one readable id per allowed set."""
     cats = parse_categories(allowed)
-    return "+".join(SHORT_NAMES[c] for c in cats) if cats else "none"
+    return "+".join(c.short for c in cats) if cats else "none"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,27 +152,30 @@ def _limit(examples: list[EvalExample], limit_per_config: int | None, limit: int
 # ----- CoSAlign-Test ---------------------------------------------------------------------------
 
 
-def parse_test_config(name: Any, where: str) -> tuple[Category, ...]:
-    """A test-config spelling -> allowed set: a hub split name, a ``-A-B-`` string, or a list."""
+def parse_test_config(name: Any, where: str, taxonomy: Taxonomy | str | None = None) -> tuple[Category, ...]:
+    """A test-config spelling -> allowed set: a named test config of the taxonomy (the hub split
+    names for CoSA), a ``-A-B-`` string, a dotted name, or a list."""
+    tax = load_taxonomy(taxonomy)
     try:
         if isinstance(name, (list, tuple)):
-            return parse_categories(name)
+            return tax.parse_categories(name)
         if not isinstance(name, str):
             raise ValueError(f"expected a string or a list of category names, got {name!r}")
-        if name in COSALIGN_TEST_SPLITS:
-            return COSALIGN_TEST_SPLITS[name]
+        if name in tax.test_configs:
+            return tax.test_configs[name]
         if name.strip().startswith("-"):
-            return from_dash_string(name)
-        return from_dotted_name(name)
+            return tax.from_dash_string(name)
+        return tax.from_dotted_name(name)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{where}: bad test config {name!r}: {e}") from None
 
 
-def _cosalign_example(row: Mapping[str, Any], where: str, config_name: Any) -> EvalExample:
+def _cosalign_example(row: Mapping[str, Any], where: str, config_name: Any, tax: Taxonomy | None = None) -> EvalExample:
     prompt = _text_field(row, "prompt", where)
-    allowed = parse_test_config(config_name, where)
-    if Category.OTHER in allowed:
-        raise ValueError(f"{where}: a test config cannot allow 'Other Harms'")
+    allowed = parse_test_config(config_name, where, tax)
+    for c in allowed:
+        if not c.allowable:
+            raise ValueError(f"{where}: a test config cannot allow {c.value!r}")
     cid = config_id_for(allowed)
     situation = row.get("situation")
     return EvalExample(
@@ -216,25 +197,27 @@ def load_cosalign_test(
     *,
     limit_per_config: int | None = None,
     limit: int | None = None,
+    taxonomy: Taxonomy | str | None = None,
 ) -> list[EvalExample]:
-    """CoSAlign-Test examples. Local files name each row's config in ``config`` (a hub split name,
+    """CoSAlign-Test examples (category configs of ``taxonomy``, default the shipped one). Local files name each row's config in ``config`` (a hub split name,
     e.g. ``Financial_Crime_and_Theft.Privacy_Violations`` or ``safe``), ``test_config_category``
     (dotted, as in the simplified release) or ``allowed`` (a list of category names)."""
     src = str(source)
+    tax = load_taxonomy(taxonomy)
     examples: list[EvalExample] = []
     if src == COSALIGN_TEST_HUB or is_hub_repo_dir(src):
         for hub_config in COSALIGN_TEST_HUB_CONFIGS:
             dd = _hub_load(src, hub_config)
             for split, ds in dd.items():
                 for i, row in enumerate(ds):
-                    examples.append(_cosalign_example(row, f"{src}/{hub_config}/{split}[{i}]", split))
+                    examples.append(_cosalign_example(row, f"{src}/{hub_config}/{split}[{i}]", split, tax))
     else:
         path = shipped_path(MINI_COSALIGN_TEST) if src == "mini" else Path(src)
         for where, row in read_rows(path):
             field = next((f for f in _CONFIG_FIELDS if row.get(f) is not None), None)
             if field is None:
                 raise ValueError(f"{where}: missing the test config: give one of the fields {_CONFIG_FIELDS}")
-            examples.append(_cosalign_example(row, where, row[field]))
+            examples.append(_cosalign_example(row, where, row[field], tax))
     if not examples:
         raise ValueError(f"{src}: no CoSAlign-Test examples found")
     return _limit(examples, limit_per_config, limit)
@@ -280,8 +263,9 @@ def load_cosapien(
     *,
     limit_per_config: int | None = None,
     limit: int | None = None,
+    taxonomy: Taxonomy | str | None = None,
 ) -> list[EvalExample]:
-    """CoSApien examples; the config id is the hub split name (local files: ``scenario_name``,
+    """CoSApien examples (free-form configs: ``taxonomy`` is accepted and unused); the config id is the hub split name (local files: ``scenario_name``,
     else a hash of the scenario text). All rows of one config must carry the same scenario text."""
     src = str(source)
     examples: list[EvalExample] = []
@@ -331,13 +315,14 @@ def system_prompt_for(example: EvalExample, seed: int) -> str:
 # ----- training pairs (in-context shots) ----------------------------------------------------------
 
 
-def parse_spec(value: Any, where: str) -> tuple[Category, ...]:
+def parse_spec(value: Any, where: str, taxonomy: Taxonomy | str | None = None) -> tuple[Category, ...]:
     """``spec_i`` as the reference writes it (``-A-B-``, ``--`` for none) or a list of names."""
+    tax = load_taxonomy(taxonomy)
     try:
         if isinstance(value, (list, tuple)):
-            return parse_categories(value)
+            return tax.parse_categories(value)
         if isinstance(value, str):
-            return from_dash_string(value)
+            return tax.from_dash_string(value)
         raise ValueError(f"expected a -A-B- string or a list of names, got {value!r}")
     except (ValueError, TypeError) as e:
         raise ValueError(f"{where}: field 'spec_i': {e}") from None

@@ -28,7 +28,7 @@ from cosa_jax.eval.metrics import JudgedRecord, cosa_score
 from cosa_jax.eval.report import write_report
 from cosa_jax.endpoint.client import ChatRequest, EndpointConfig, run_requests_sync
 from cosa_jax.endpoint.journal import Journal, request_key
-from cosa_jax.taxonomy import SEEN_CATEGORIES, parse_categories
+from cosa_jax.taxonomy import SEEN_CATEGORIES, taxonomy_from_config
 
 ChatFn = Callable[[list[list[dict[str, str]]], int], list[str]]
 
@@ -45,7 +45,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.max_new_tokens = 1024
     c.progress = True
     c.plots = True
-    c.train_categories = list(cat.value for cat in SEEN_CATEGORIES)
+    c.taxonomy = ""  # taxonomy file (YAML/JSON) or shipped name; "" = the paper's (cosa)
+    c.train_categories = list(cat.value for cat in SEEN_CATEGORIES)  # [] = the taxonomy's seen ones
     c.dataset = ml_collections.ConfigDict(
         dict(name="cosalign_test", source="mini", limit_per_config=0, limit=0)
     )
@@ -240,8 +241,12 @@ def evaluate(cfg: Any, *, candidate_fn: ChatFn | None = None, judge_fn: ChatFn |
     progress = bool(c["progress"])
     baseline = bl.check_baseline(c["baseline"]["name"])
     dcfg = c["dataset"]
+    tax = taxonomy_from_config(c)
+    parse_categories = tax.parse_categories
+    response_risk = judges.judges_for(tax)["response_risk"]
     examples = ds.load_eval_set(
-        dcfg["name"], dcfg["source"] or "mini", limit_per_config=dcfg["limit_per_config"] or None, limit=dcfg["limit"] or None
+        dcfg["name"], dcfg["source"] or "mini", limit_per_config=dcfg["limit_per_config"] or None, limit=dcfg["limit"] or None,
+        taxonomy=tax,
     )
     system_prompts = [ds.system_prompt_for(e, seed) for e in examples]
     shots: list[list] = [[] for _ in examples]
@@ -265,7 +270,7 @@ def evaluate(cfg: Any, *, candidate_fn: ChatFn | None = None, judge_fn: ChatFn |
             if e.freeform:
                 judge_chats.append(judges.COMPLIANCE.messages(e.config_text or "", e.prompt, responses[i]))
             else:
-                judge_chats.append(judges.RESPONSE_RISK.messages(e.prompt, responses[i]))
+                judge_chats.append(response_risk.messages(e.prompt, responses[i]))
         judged, usage["judge"] = run_chats(
             c["judge"], jj, judge_chats, c["judge"]["max_tokens"], role="judge", progress=progress, fn=judge_fn
         )
@@ -298,7 +303,7 @@ def evaluate(cfg: Any, *, candidate_fn: ChatFn | None = None, judge_fn: ChatFn |
         rating = risks = compliant = None
         if responses[i] is not None:
             h = judges.HELPFULNESS.parse(help_raw[i])
-            s = (judges.COMPLIANCE if e.freeform else judges.RESPONSE_RISK).parse(safety_raw[i])
+            s = (judges.COMPLIANCE if e.freeform else response_risk).parse(safety_raw[i])
             rating = h.value if h.valid else None
             if e.freeform:
                 compliant = s.value if s.valid else None
@@ -321,7 +326,7 @@ def evaluate(cfg: Any, *, candidate_fn: ChatFn | None = None, judge_fn: ChatFn |
             prompt_type=row["prompt_type"],
         )
 
-    train = parse_categories(c["train_categories"])
+    train = parse_categories(c["train_categories"]) if c["train_categories"] else tax.seen
     metrics_before = None
     cascade_info = None
     if baseline in ("cascade_judge", "cascade_self"):
@@ -354,6 +359,7 @@ def evaluate(cfg: Any, *, candidate_fn: ChatFn | None = None, judge_fn: ChatFn |
         "baseline": baseline,
         "candidate": _endpoint_label(c["candidate"]),
         "judge": _endpoint_label(c["judge"]),
+        "taxonomy": {"name": tax.name, "source": tax.source, "categories": [[x.value, x.short] for x in tax.categories]},
         "seed": seed,
         "max_new_tokens": int(c["max_new_tokens"]),
         "n_examples": len(examples),

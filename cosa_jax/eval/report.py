@@ -71,6 +71,20 @@ def markdown(results: Mapping[str, Any]) -> str:
             ],
         ),
     ]
+    tax = results.get("taxonomy")
+    if tax and any(not pc.get("allowed") is None for pc in m["per_config"].values()):
+        # One column per category of the run's taxonomy, in its id order, headed by short names.
+        cats = [name for name, _ in tax["categories"]]
+        lines += [
+            "",
+            f"## Disallowed risks by category (taxonomy `{tax['name']}`)",
+            "",
+            _table(
+                ["config"] + [short for _, short in tax["categories"]],
+                [[cid] + [str(pc["violations"].get(c, 0)) for c in cats]
+                 for cid, pc in m["per_config"].items() if pc.get("allowed") is not None],
+            ),
+        ]
     if m.get("by_prompt_type"):
         lines += [
             "",

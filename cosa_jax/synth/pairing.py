@@ -13,7 +13,7 @@ from typing import Iterable, Sequence
 
 from cosa_jax.safety_configs import Rng, randint_inclusive
 from cosa_jax.synth.scoring import ScoreWeights, error_score
-from cosa_jax.taxonomy import SEEN_CATEGORIES, Category, parse_categories
+from cosa_jax.taxonomy import Category, Taxonomy, taxonomy_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,8 +34,8 @@ class Pair:
     rejected_error: float
 
 
-def _group_key(r: LabelledResponse) -> tuple[tuple[int, ...], bool]:
-    return tuple(c.id for c in parse_categories(r.risk_set)), bool(r.addressed)
+def _group_key(r: LabelledResponse, tax: Taxonomy) -> tuple[tuple[int, ...], bool]:
+    return tuple(c.id for c in tax.parse_categories(r.risk_set)), bool(r.addressed)
 
 
 def make_pairs(
@@ -44,14 +44,18 @@ def make_pairs(
     rng: Rng,
     *,
     weights: ScoreWeights = ScoreWeights(),
-    train_categories: Iterable[Category | str] = SEEN_CATEGORIES,
+    train_categories: Iterable[Category | str] | None = None,
+    taxonomy: Taxonomy | str | None = None,
 ) -> list[Pair]:
     """All (chosen, rejected) pairs between label groups of one prompt under allowed set C_s."""
-    allowed = parse_categories(allowed)
-    train = parse_categories(train_categories)
+    allowed = list(allowed)
+    train_in = None if train_categories is None else list(train_categories)
+    tax = taxonomy_of(allowed, train_in or [], *[r.risk_set for r in responses], taxonomy=taxonomy)
+    allowed = tax.parse_categories(allowed)
+    train = tax.seen if train_in is None else tax.parse_categories(train_in)
     groups: dict[tuple[tuple[int, ...], bool], list[LabelledResponse]] = {}
     for r in responses:
-        groups.setdefault(_group_key(r), []).append(r)
+        groups.setdefault(_group_key(r, tax), []).append(r)
     keys = sorted(groups)  # deterministic group order, independent of input order of groups
     errors = {
         k: error_score(
@@ -59,6 +63,7 @@ def make_pairs(
             groups[k][0].risk_set,
             groups[k][0].addressed,
             train_categories=train,
+            taxonomy=tax,
             alpha=weights.alpha,
             beta=weights.beta,
             gamma=weights.gamma,

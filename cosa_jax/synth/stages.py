@@ -31,9 +31,9 @@ from cosa_jax.synth import inputs
 from cosa_jax.synth.pairing import LabelledResponse, make_pairs
 from cosa_jax.synth.scoring import ScoreWeights, error_score
 from cosa_jax.taxonomy import (
-    SEEN_CATEGORIES,
     Category,
-    parse_categories,
+    Taxonomy,
+    taxonomy_from_config,
     to_dash_string,
     to_names,
 )
@@ -116,9 +116,15 @@ def _from_rows(rows: list[dict[str, Any]], features: datasets.Features) -> datas
     return datasets.Dataset.from_list(rows, features=features)
 
 
+def taxonomy(cfg: Any) -> Taxonomy:
+    """The config's ``taxonomy`` file (absent or '' = the shipped CoSA taxonomy)."""
+    return taxonomy_from_config(cfg)
+
+
 def train_categories(cfg: Any) -> tuple[Category, ...]:
     names = _cfg_get(cfg, "train_categories", None)
-    return parse_categories(names) if names else SEEN_CATEGORIES
+    tax = taxonomy(cfg)
+    return tax.parse_categories(names) if names else tax.seen
 
 
 def endpoint(cfg: Any, role: str) -> EndpointConfig:
@@ -205,14 +211,15 @@ def label_prompts(cfg: Any) -> dict[str, Any]:
     """8-way prompt risk judge; drop unparseable, drop small label groups, cap large ones."""
     ds = _read_stage(cfg, "load_prompts")
     rows = ds.to_list()
-    chats = [judges.PROMPT_RISK.messages(r["prompt"]) for r in rows]
+    prompt_risk = judges.judges_for(taxonomy(cfg))["prompt_risk"]
+    chats = [prompt_risk.messages(r["prompt"]) for r in rows]
     progress = bool(_cfg_get(cfg, "progress", True))
 
     async def main():
         async with ChatClient(endpoint(cfg, "judge"), "judge") as client:
             with _journal(cfg, "label_prompts") as j:
                 res = await judges.judge_batch(
-                    client, j, judges.PROMPT_RISK, chats,
+                    client, j, prompt_risk, chats,
                     retries=int(_cfg_get(cfg, "judge_retries", 1)),
                     retry_temperature=float(_cfg_get(cfg, "judge_retry_temperature", 0.7)),
                     desc="label prompts", progress=progress,
@@ -287,7 +294,7 @@ RESPONSE_FEATURES = datasets.Features(
 
 
 def _in_train(cats: Sequence[str], train: Sequence[Category]) -> bool:
-    return all(c in train for c in parse_categories(cats) if c != Category.OTHER)
+    return all(c in train for c in train[0].taxonomy.parse_categories(cats) if c.allowable)
 
 
 def generation_plan(prompt_row: Mapping[str, Any], cfg: Any) -> list[dict[str, Any]]:
@@ -397,6 +404,7 @@ def label_responses(cfg: Any) -> dict[str, Any]:
     """Two judgements per response: addressed ([[YES]]/[[NO]]) and the 8-way risk set."""
     rows = _read_stage(cfg, "generate_responses").to_list()
     progress = bool(_cfg_get(cfg, "progress", True))
+    response_risk = judges.judges_for(taxonomy(cfg))["response_risk"]
     kw = dict(
         retries=int(_cfg_get(cfg, "judge_retries", 1)),
         retry_temperature=float(_cfg_get(cfg, "judge_retry_temperature", 0.7)),
@@ -410,8 +418,8 @@ def label_responses(cfg: Any) -> dict[str, Any]:
                     judges.judge_batch(client, j, judges.ADDRESSED,
                                        [judges.ADDRESSED.messages(r["prompt"], r["response"]) for r in rows],
                                        desc="judge addressed", **kw),
-                    judges.judge_batch(client, j, judges.RESPONSE_RISK,
-                                       [judges.RESPONSE_RISK.messages(r["prompt"], r["response"]) for r in rows],
+                    judges.judge_batch(client, j, response_risk,
+                                       [response_risk.messages(r["prompt"], r["response"]) for r in rows],
                                        desc="judge risk", **kw),
                 )
             return addr, risk, client.usage
@@ -550,6 +558,7 @@ def pair(cfg: Any) -> dict[str, Any]:
     by_prompt, _ = _valid_responses(cfg)
     by_id = {r["response_id"]: r for rs in by_prompt.values() for r in rs}
     train = train_categories(cfg)
+    parse_categories = taxonomy(cfg).parse_categories
     w = weights(cfg)
     seed = int(_cfg_get(cfg, "seed", 0))
     dev_fraction = float(dict(_cfg_get(cfg, "pairing", None) or {}).get("dev_fraction", 0.05))

@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping, Sequence
 from aiohttp import web
 
 from cosa_jax import judges
-from cosa_jax.taxonomy import ALL_CATEGORIES, Category, parse_category, parse_categories
+from cosa_jax.taxonomy import Category, Taxonomy, load_taxonomy, parse_categories
 
 TRANSIENT_FAULTS = ("429", "500", "slow", "hang", "garbage", "nochoices", "drop")
 FAULT_KINDS = TRANSIENT_FAULTS + ("400", "401")  # the last two are permanent: retrying cannot help
@@ -64,10 +64,10 @@ _FIELD = "\x00{}\x00"  # stands in for a builder argument while reading a judge'
 
 
 @functools.cache
-def _judge_templates() -> tuple[tuple[judges.Judge, tuple[tuple[str, re.Pattern], ...]], ...]:
+def _judge_templates(tax: Taxonomy) -> tuple[tuple[judges.Judge, tuple[tuple[str, re.Pattern], ...]], ...]:
     """Per judge, (role, regex) per message: the judge's own chat with its fields as groups."""
     out = []
-    for judge in judges.JUDGES.values():
+    for judge in judges.judges_for(tax).values():
         chat = judge.messages(*(_FIELD.format(f) for f in judge.fields))
         pats = []
         for m in chat:
@@ -83,9 +83,12 @@ def _judge_templates() -> tuple[tuple[judges.Judge, tuple[tuple[str, re.Pattern]
     return tuple(out)
 
 
-def recognize_judge(messages: Sequence[Mapping[str, Any]]) -> tuple[judges.Judge, dict[str, str]] | None:
-    """(judge, its builder's arguments) when ``messages`` is a judge's chat, else None."""
-    for judge, pats in _judge_templates():
+def recognize_judge(
+    messages: Sequence[Mapping[str, Any]], taxonomy: Taxonomy | str | None = None
+) -> tuple[judges.Judge, dict[str, str]] | None:
+    """(judge, its builder's arguments) when ``messages`` is a judge's chat (risk judges of
+    ``taxonomy``, default the shipped one), else None."""
+    for judge, pats in _judge_templates(load_taxonomy(taxonomy)):
         if len(messages) != len(pats):
             continue
         fields: dict[str, str] = {}
@@ -111,15 +114,25 @@ _KEYWORDS: dict[Category, tuple[str, ...]] = {
 
 
 class PromptLabels:
-    """Prompt text -> categories: from the shipped label file, else keyword rules."""
+    """Prompt text -> categories: from the shipped label file (or ``table``), else keyword rules
+    (the default taxonomy only; another taxonomy's unlisted prompts carry no risk)."""
 
-    def __init__(self, table: dict[str, tuple[Category, ...]] | None = None):
+    def __init__(self, table: dict[str, tuple[Category, ...]] | None = None, taxonomy: Taxonomy | str | None = None):
+        self.taxonomy = load_taxonomy(taxonomy)
         self.table = table if table is not None else _load_shipped_labels()
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[Mapping[str, Any]], taxonomy: Taxonomy | str | None = None) -> "PromptLabels":
+        """From prompt rows with ``prompt`` and ``categories`` (names of ``taxonomy``)."""
+        tax = load_taxonomy(taxonomy)
+        return cls({" ".join(r["prompt"].lower().split()): tax.parse_categories(r["categories"]) for r in rows}, tax)
 
     def __call__(self, prompt: str) -> tuple[Category, ...]:
         key = " ".join(prompt.lower().split())
         if key in self.table:
             return self.table[key]
+        if self.taxonomy is not load_taxonomy(None):
+            return ()
         low = prompt.lower()
         return parse_categories(c for c, words in _KEYWORDS.items() if any(w in low for w in words))
 
@@ -130,20 +143,20 @@ def _load_shipped_labels() -> dict[str, tuple[Category, ...]]:
     return {" ".join(r["prompt"].lower().split()): parse_categories(r["categories"]) for r in load_mini_prompts()}
 
 
-def _allowed_from_system(system: str) -> tuple[Category, ...]:
+def _allowed_from_system(system: str, tax: Taxonomy) -> tuple[Category, ...]:
     out = []
     for line in system.splitlines():
         m = re.match(r"-\s+(.+?):\s", line)
         if m:
             try:
-                out.append(parse_category(m.group(1)))
+                out.append(tax.parse_category(m.group(1)))
             except ValueError:
                 pass
-    return parse_categories(out)
+    return tax.parse_categories(out)
 
 
-def _risk_json(cats: tuple[Category, ...]) -> str:
-    return json.dumps({c.value: (c in cats) for c in ALL_CATEGORIES})
+def _risk_json(cats: tuple[Category, ...], tax: Taxonomy) -> str:
+    return json.dumps({c.value: (c in cats) for c in tax.categories})
 
 
 class ScriptedReplies:
@@ -151,6 +164,7 @@ class ScriptedReplies:
 
     def __init__(self, labels: PromptLabels | None = None, judge_garbage_rate: float = 0.0, seed: int = 0):
         self.labels = labels or PromptLabels()
+        self.taxonomy = self.labels.taxonomy  # judges and configs are read in the labels' taxonomy
         self.judge_garbage_rate = judge_garbage_rate
         self.seed = seed
 
@@ -163,7 +177,7 @@ class ScriptedReplies:
         msgs = body["messages"]
         system = next((m["content"] for m in msgs if m["role"] == "system"), "")
         user = next((m["content"] for m in reversed(msgs) if m["role"] == "user"), "")
-        hit = recognize_judge(msgs)
+        hit = recognize_judge(msgs, self.taxonomy)
         if hit is None:
             return self._generate(system, user)
         if self._garbage(user, body.get("temperature")):
@@ -171,34 +185,35 @@ class ScriptedReplies:
         return self._judge(*hit)
 
     def _judge(self, judge: judges.Judge, fields: dict[str, str]) -> str:
-        if judge is judges.PROMPT_RISK:
+        tax = self.taxonomy
+        if judge.name == "prompt_risk":
             cats = self.labels(fields["prompt"])
-            lines = "\n".join(f"{c.value}: {'likely' if c in cats else 'unlikely'}." for c in ALL_CATEGORIES)
-            return f"Reasoning per category:\n{lines}\n{_risk_json(cats)}"
+            lines = "\n".join(f"{c.value}: {'likely' if c in cats else 'unlikely'}." for c in tax.categories)
+            return f"Reasoning per category:\n{lines}\n{_risk_json(cats, tax)}"
         response = fields["response"]
         mark = _RISK_MARK_RE.search(response)
-        risks = () if not mark or mark.group(1).strip() in ("", "none") else parse_categories(
+        risks = () if not mark or mark.group(1).strip() in ("", "none") else tax.parse_categories(
             s for s in mark.group(1).split("|") if s.strip()
         )
         refused = response.startswith(REFUSAL)
-        if judge is judges.RESPONSE_RISK:
-            return f"The response was checked category by category.\n```json\n{_risk_json(risks)}\n```"
-        if judge is judges.ADDRESSED:
+        if judge.name == "response_risk":
+            return f"The response was checked category by category.\n```json\n{_risk_json(risks, tax)}\n```"
+        if judge.name == "addressed":
             return "The response " + ("declines." if refused else "answers the question.") + (
                 "\n[[NO]]" if refused else "\n[[YES]]"
             )
-        if judge is judges.HELPFULNESS:
+        if judge.name == "helpfulness":
             return "Justification: scripted.\nRating: [[" + ("0" if refused else str(3 + _h(response) % 3)) + "]]"
-        if judge is judges.COMPLIANCE:
+        if judge.name == "compliance":
             guideline = fields["config_text"].lower()
-            allowed = parse_categories(c for c in ALL_CATEGORIES if c.value.lower() in guideline)
-            ok = set(risks) <= set(allowed) - {Category.OTHER}
+            allowed = tax.parse_categories(c for c in tax.categories if c.value.lower() in guideline)
+            ok = set(risks) <= {c for c in allowed if c.allowable}
             return "Checked against the guideline.\n" + ("[[YES]]" if ok else "[[NO]]")
         raise ValueError(f"the scripted judge has no script for judge {judge.name!r}")
 
     def _generate(self, system: str, prompt: str) -> str:
-        cats = tuple(c for c in self.labels(prompt) if c != Category.OTHER)
-        allowed = _allowed_from_system(system)
+        cats = tuple(c for c in self.labels(prompt) if c.allowable)
+        allowed = _allowed_from_system(system, self.taxonomy)
         style = _h(self.seed, system, prompt) % 4
         if not cats:
             risk: tuple[Category, ...] = ()
@@ -416,8 +431,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reply", choices=("echo", "scripted"), default="echo")
     ap.add_argument("--fault-rate", type=float, default=0.0)
     ap.add_argument("--judge-garbage-rate", type=float, default=0.0)
+    ap.add_argument("--taxonomy", default="", help="taxonomy file the scripted judge answers in (default: cosa)")
+    ap.add_argument("--labels", default="", help="JSONL of {prompt, categories} in that taxonomy (default: the mini set)")
     a = ap.parse_args(argv)
-    reply = echo_reply if a.reply == "echo" else ScriptedReplies(judge_garbage_rate=a.judge_garbage_rate)
+    labels = None
+    if a.labels or a.taxonomy:
+        if not a.labels:
+            ap.error("--taxonomy needs --labels: a JSONL of {prompt, categories} in that taxonomy")
+        with open(a.labels, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        labels = PromptLabels.from_rows(rows, a.taxonomy or None)
+    reply = echo_reply if a.reply == "echo" else ScriptedReplies(labels, judge_garbage_rate=a.judge_garbage_rate)
     srv = FakeChatServer(reply, latency_s=a.latency, fault_rate=a.fault_rate, host=a.host, port=a.port)
 
     async def serve():

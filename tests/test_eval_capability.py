@@ -53,7 +53,8 @@ def test_lm_eval_on_our_server_scores_the_planted_answers(tmp_path):
     cfg.progress = False
     cfg.suite.stages = ["capability"]
     cfg.suite.capability.mini_data = str(data)
-    with BackgroundServer(create_app(ChatModel.load(str(model_dir)), served_model_name="tiny")) as srv:
+    with BackgroundServer(create_app(ChatModel.load(str(model_dir)), served_model_name="tiny",
+                                     chunk_sizes=(32,), max_cache_len=64)) as srv:
         cfg.suite.models = [dict(label="tiny", kind="openai", model="tiny", base_url=srv.base_url,
                                  tokenizer=str(model_dir))]
         res = run_suite(cfg)["tiny"]

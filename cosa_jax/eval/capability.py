@@ -115,7 +115,9 @@ def run_lm_eval(
         tasks=list(tasks),
         num_fewshot=num_fewshot,
         limit=limit,
-        task_manager=TaskManager(include_path=paths or None),
+        # Indexing lm-eval's thousands of built-in task files is slow: skip it when every task is ours.
+        task_manager=TaskManager(include_path=paths or None,
+                                 include_defaults=bool(include_path) or any(t != MINI_TASK for t in tasks)),
         use_cache=str(work / "lm_eval_cache"),
         apply_chat_template="chat" in api,
         log_samples=False,

@@ -191,3 +191,55 @@ def test_suite_report_numbers_and_resume_after_a_crash(tmp_path, monkeypatch):
     assert all(r["judge"] and r["n_valid"] <= r["n"] for r in rows)
     recs = [json.loads(x) for x in (out / "over_refusal" / "records.jsonl").read_text().splitlines()]
     assert sum(r["verdict"] is None for r in recs) == 1
+
+
+def test_cli_runs_the_suite_config_for_two_models(tmp_path):
+    """``python -m launch.evaluate --config`` on configs/eval_suite.py (endpoints pointed at the
+    scripted server), two models, the generic judge-prompt safety classifier."""
+    import os
+    import subprocess
+    import sys
+    from collections import Counter
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    with FakeChatServer(ScriptedReplies()) as srv:
+        cfg_file = tmp_path / "suite_cfg.py"
+        cfg_file.write_text(f'''
+import importlib.util
+spec = importlib.util.spec_from_file_location("eval_suite", {str(root / "configs" / "eval_suite.py")!r})
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+
+def get_config():
+    c = mod.get_config()
+    c.output_dir = {str(tmp_path / "out")!r}
+    c.progress = False
+    c.max_new_tokens = 64
+    c.judge.update(model="judge", base_url={srv.base_url!r}, api_key_env="", max_tokens=64)
+    for m in c.suite.models:
+        m.update(base_url={srv.base_url!r})
+    c.suite.stages = ["cosapien", "over_refusal", "general_safety"]
+    c.suite.cosapien.limit = 4
+    c.suite.safety_judge.update(format="judge_prompt", model="judge", base_url={srv.base_url!r})
+    return c
+''')
+        env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", MPLBACKEND="Agg")
+        p = subprocess.run([sys.executable, "-m", "launch.evaluate", "--config", str(cfg_file)], cwd=root, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for label in ("llama31-8b-instruct", "cosalign"):
+        out = tmp_path / "out" / label
+        assert f"# Evaluation suite: {label}" in p.stdout
+        assert all((out / f).stat().st_size > 0 for f in ("suite.md", "suite.json", "suite.png"))
+        res = json.loads((out / "suite.json").read_text())
+        assert [r["system"] for r in res["stages"]["cosapien"]["rows"]] == ["model", "in_context", "cascade_judge"]
+        # The summary counts equal a recount of the stage's records.
+        recs = [json.loads(x) for x in (out / "over_refusal" / "records.jsonl").read_text().splitlines()]
+        for lab in ("safe", "unsafe"):
+            got = Counter(r["verdict"] for r in recs if r["label"] == lab)
+            m = res["stages"]["over_refusal"]["metrics"][lab]
+            assert {c: m[c] for c in judges.REFUSAL_CLASSES} == {c: got[c] for c in judges.REFUSAL_CLASSES}
+        g = res["stages"]["general_safety"]
+        recs = [json.loads(x) for x in (out / "general_safety" / "records.jsonl").read_text().splitlines()]
+        assert g["judge"] == "judge (general_safety)" and g["metrics"]["unsafe"] == sum(r["unsafe"] is True for r in recs)

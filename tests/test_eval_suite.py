@@ -228,6 +228,9 @@ def get_config():
         p = subprocess.run([sys.executable, "-m", "launch.evaluate", "--config", str(cfg_file)], cwd=root, env=env,
                            capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
+    compare = (tmp_path / "out" / "suite_compare.md").read_text()
+    assert "| judge | llama31-8b-instruct | cosalign |" in compare
+    assert "| Over-refusal | full refusal % on safe prompts | model | judge |" in compare
     for label in ("llama31-8b-instruct", "cosalign"):
         out = tmp_path / "out" / label
         assert f"# Evaluation suite: {label}" in p.stdout

@@ -114,10 +114,11 @@ def _label(role: Mapping[str, Any]) -> str:
 def _cosa_stage(cfg: Any, stage: str, model: Mapping[str, Any], out: Path) -> dict[str, Any]:
     """One evaluate() per system (the model, then each baseline); rows of CoSA-Scores."""
     st = _d(cfg.suite[stage])
-    rows = []
+    rows, skipped = [], []
     for baseline in ["none"] + list(cfg.suite.baselines):
         if baseline == "in_context" and stage == "cosalign_test" and not cfg.baseline.train_pairs:
-            continue  # category-config shots need training pairs; without them the row is skipped
+            skipped.append("in_context (no baseline.train_pairs)")  # category-config shots need pairs
+            continue
         sub = base_config()
         for k in ("seed", "max_new_tokens", "progress", "plots", "train_categories"):
             sub[k] = cfg[k]
@@ -142,7 +143,7 @@ def _cosa_stage(cfg: Any, stage: str, model: Mapping[str, Any], out: Path) -> di
         for g, gm in m["groups"].items():
             row[g] = {"cosa_score": gm["cosa_score"], "n_valid": gm["n_valid"], "n": gm["n"]}
         rows.append(row)
-    return {"rows": rows}
+    return {"rows": rows, "skipped": skipped}
 
 
 def _generate_and_judge(cfg, model, out: Path, prompts: Sequence[str], system_prompt: str, max_new_tokens: int,
@@ -258,4 +259,9 @@ def run_model(cfg: Any, model: Mapping[str, Any]) -> dict[str, Any]:
 def run_suite(cfg: Any) -> dict[str, dict[str, Any]]:
     """Every stage for every model; returns {label: results} (also <label>/suite.json)."""
     validate(cfg)
-    return {m["label"]: run_model(cfg, _d(m)) for m in cfg.suite.models}
+    out = {m["label"]: run_model(cfg, _d(m)) for m in cfg.suite.models}
+    if len(out) > 1:
+        from cosa_jax.eval.suite_report import write_suite_compare
+
+        write_suite_compare(out, cfg.output_dir)
+    return out

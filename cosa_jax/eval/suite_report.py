@@ -104,3 +104,20 @@ def write_suite_report(results: Mapping[str, Any], out_dir: str | os.PathLike, *
     payload = dict(results, rows=[dataclasses.asdict(r) for r in report_rows(results["stages"])], files=files)
     (out / "suite.json").write_text(json.dumps(payload, indent=2, default=str))
     return files
+
+
+def write_suite_compare(results_by_model: Mapping[str, Mapping[str, Any]], out_dir: str | os.PathLike) -> str:
+    """suite_compare.md: one row per number, one column per model (each cell: value, valid / n)."""
+    cells: dict[tuple[str, str, str], dict[str, str]] = {}
+    judge_of: dict[tuple[str, str, str], str] = {}
+    for label, res in results_by_model.items():
+        for r in report_rows(res["stages"]):
+            key = (r.stage, r.metric, r.system)
+            cells.setdefault(key, {})[label] = f"{_fmt(r)} ({r.n_valid} / {r.n})"
+            judge_of.setdefault(key, r.judge)
+    labels = list(results_by_model)
+    body = _table(["stage", "metric", "system", "judge"] + labels,
+                  [[*k, judge_of[k]] + [v.get(m, "-") for m in labels] for k, v in cells.items()])
+    path = Path(out_dir) / "suite_compare.md"
+    path.write_text("# Evaluation suite: models side by side\n\nEach cell: value (valid verdicts / n).\n\n" + body + "\n")
+    return str(path)

@@ -134,7 +134,8 @@ def _cfg(out, base_url, guard_url):
     c.max_new_tokens = 64
     c.judge.update(model="judge", base_url=base_url, api_key_env="", max_tokens=64)
     c.suite.stages = ["cosalign_test", "cosapien", "over_refusal", "general_safety"]
-    c.suite.baselines = ["cascade_judge"]
+    c.suite.baselines = ["in_context", "cascade_judge"]
+    c.baseline.train_pairs = ""
     c.suite.cosalign_test.limit_per_config = 2
     c.suite.cosapien.limit = 6
     c.suite.models = [dict(label="m1", kind="openai", model="cand", base_url=base_url, api_key_env="")]
@@ -172,10 +173,11 @@ def test_suite_report_numbers_and_resume_after_a_crash(tmp_path, monkeypatch):
     assert g["unsafe_pct"] == pytest.approx(100 * 2 / 19)
 
     # The CoSA rows are the evaluate() runs' own numbers, one row per system.
-    for stage in ("cosalign_test", "cosapien"):
+    for stage, systems in (("cosalign_test", ("none", "cascade_judge")),
+                           ("cosapien", ("none", "in_context", "cascade_judge"))):
         rows = st[stage]["rows"]
-        assert [r["system"] for r in rows] == ["model", "cascade_judge"]
-        for r, sub in zip(rows, ("none", "cascade_judge")):
+        assert [r["system"] for r in rows] == ["model" if s == "none" else s for s in systems]
+        for r, sub in zip(rows, systems):
             m = json.loads((tmp_path / "m1" / stage / sub / "results.json").read_text())["metrics"]
             assert r["all"] == {"cosa_score": m["cosa_score"], "n_valid": m["n_valid"], "n": m["n"]}
             assert r["judge"] == "judge"
@@ -187,6 +189,7 @@ def test_suite_report_numbers_and_resume_after_a_crash(tmp_path, monkeypatch):
     assert f"| Over-refusal | full refusal % on safe prompts | model | {100 * 2 / 11:.1f} | judge | 11 / 12 |" in md
     assert f"| General safety | unsafe response % | model | {100 * 2 / 19:.1f} | guard (llama_guard) | 19 / 20 |" in md
     assert "| CoSAlign-Test | CoSA-Score (unseen configs) | cascade_judge |" in md
+    assert "Rows not run: CoSAlign-Test: in_context (no baseline.train_pairs)." in md
     rows = json.loads((out / "suite.json").read_text())["rows"]
     assert all(r["judge"] and r["n_valid"] <= r["n"] for r in rows)
     recs = [json.loads(x) for x in (out / "over_refusal" / "records.jsonl").read_text().splitlines()]

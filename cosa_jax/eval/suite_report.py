@@ -69,9 +69,11 @@ def suite_markdown(results: Mapping[str, Any]) -> str:
     rows = report_rows(results["stages"])
     body = _table(["stage", "metric", "system", "value", "judge", "valid / n"],
                   [[r.stage, r.metric, r.system, _fmt(r), r.judge, f"{r.n_valid} / {r.n}"] for r in rows])
+    skipped = [f"{_STAGE_TITLE[s]}: {x}" for s in _COSA_GROUPS for x in (results["stages"].get(s) or {}).get("skipped", [])]
+    note = f"\n\nRows not run: {'; '.join(skipped)}.\n" if skipped else "\n"
     return (f"# Evaluation suite: {results['label']}\n\ncandidate `{results['candidate']}`; stages "
             f"{', '.join(results['stages'])}. CoSA-Scores are means over configs; rates are over valid "
-            "verdicts only (invalid ones are excluded and counted in 'valid / n').\n\n" + body + "\n")
+            "verdicts only (invalid ones are excluded and counted in 'valid / n').\n\n" + body + note)
 
 
 def plot_suite(results: Mapping[str, Any], path: str | os.PathLike) -> str:

@@ -3,7 +3,8 @@
 The tiny random model has no knowledge, so the test plants the answer key: for six questions the
 gold answer is the choice transformers' PyTorch model gives the highest log-likelihood (computed
 here, tokenised the way lm-eval splits context and continuation), for two the lowest. lm-eval,
-scoring through ``/v1/completions`` with echo + logprobs, must then report accuracy 6/8.
+scoring through ``/v1/completions`` with echo + logprobs, must then report accuracy 6/8. The same
+run answers the over-refusal prompts with the served model (chat completions).
 """
 
 import json
@@ -19,6 +20,7 @@ from cosa_jax.inference.server import BackgroundServer, ChatModel, create_app
 from cosa_jax.models import EMBEDDED_MODEL
 from cosa_jax.models.hf_io import load_tokenizer
 from cosa_jax.testing.model_fixtures import make_hf_model
+from cosa_jax.testing.scripted_server import FakeChatServer, ScriptedReplies
 
 
 def _choice_logprobs(hf, tok, question, choices):
@@ -51,19 +53,26 @@ def test_lm_eval_on_our_server_scores_the_planted_answers(tmp_path):
     cfg = default_config()
     cfg.output_dir = str(tmp_path / "suite")
     cfg.progress = False
-    cfg.suite.stages = ["capability"]
+    cfg.suite.stages = ["capability", "over_refusal"]
     cfg.suite.capability.mini_data = str(data)
+    cfg.suite.over_refusal.max_new_tokens = 4
     with BackgroundServer(create_app(ChatModel.load(str(model_dir)), served_model_name="tiny",
-                                     chunk_sizes=(32,), max_cache_len=64)) as srv:
+                                     chunk_sizes=(32,), max_cache_len=64)) as srv, \
+            FakeChatServer(ScriptedReplies()) as judge:
         cfg.suite.models = [dict(label="tiny", kind="openai", model="tiny", base_url=srv.base_url,
                                  tokenizer=str(model_dir))]
+        cfg.judge.update(model="judge", base_url=judge.base_url, api_key_env="")
         res = run_suite(cfg)["tiny"]
     (s,) = res["stages"]["capability"]["scores"]
     assert s["task"] == capability.MINI_TASK and s["metric"] == "acc,none" and s["n"] == 8
     assert s["value"] == pytest.approx(6 / 8)
     raw = json.loads((tmp_path / "suite" / "tiny" / "capability" / "lm_eval_results.json").read_text())
     assert raw["results"][capability.MINI_TASK]["acc,none"] == pytest.approx(0.75)
-    (row,) = json.loads((tmp_path / "suite" / "tiny" / "suite.json").read_text())["rows"]
+    # The random model never starts with the scripted refusal: every answer is full compliance.
+    safe = res["stages"]["over_refusal"]["metrics"]["safe"]
+    assert (safe["n_valid"], safe["full_compliance_pct"]) == (12, 100.0)
+    rows = json.loads((tmp_path / "suite" / "tiny" / "suite.json").read_text())["rows"]
+    (row,) = [r for r in rows if r["stage"] == "General capability"]
     assert row["value"] == pytest.approx(0.75) and row["n_valid"] == 8 and row["judge"] == "lm-eval local-completions"
     assert "| General capability | capability_mini acc,none | model | 0.750 |" in (tmp_path / "suite" / "tiny" / "suite.md").read_text()
     # The finished stage is journaled: a rerun (server gone) reports it without calling lm-eval.

@@ -6,6 +6,8 @@ per-example records and PNG plots to ``config.output_dir``. Rerunning resumes fr
 there. Any field can be overridden, e.g. ``--config.baseline.name=cascade_judge`` or
 ``--config.candidate.base_url=http://127.0.0.1:8001/v1``. ``--compare a/results.json,...`` adds
 earlier runs to one comparison table (compare.md / compare_*.png next to this run's results).
+A config with a ``suite`` section (configs/eval_suite.py) runs the whole suite instead
+(``cosa_jax.eval.suite``): one suite.md / suite.json / suite.png per model.
 """
 
 from __future__ import annotations
@@ -31,6 +33,14 @@ def main(argv):
         raise app.UsageError("--config is required, e.g. --config configs/eval_demo.py")
     for name in ("httpx", "httpx2", "openai"):  # one INFO line per request drowns the progress bars
         logging.getLogger(name).setLevel(logging.WARNING)
+    if "suite" in cfg:
+        from cosa_jax.eval.suite import run_suite
+        from cosa_jax.eval.suite_report import suite_markdown
+
+        for label, res in run_suite(cfg).items():
+            print(suite_markdown(res))
+            print(f"[eval] {label}: {res['files']}")
+        return
     results = evaluate(cfg)
     print(markdown(results))
     if _COMPARE.value:

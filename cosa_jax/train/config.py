@@ -86,7 +86,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.export.dtype = ""                                # default: the parameter dtype
 
     c.distributed = ml_collections.ConfigDict()
-    c.distributed.initialize = "auto"                  # auto | yes | no
+    c.distributed.initialize = "auto"                  # auto | yes | no (cosa_jax.distributed)
+    c.distributed.coordinator_address = ""             # host:port; else JAX_COORDINATOR_ADDRESS,
+                                                       # else JAX's Slurm / TPU detection
+    c.distributed.num_processes = 0                    # 0: JAX_NUM_PROCESSES or detected
+    c.distributed.process_id = -1                      # -1: JAX_PROCESS_ID or detected
+    c.distributed.timeout_s = 300                      # waiting for the other processes
     return c
 
 
@@ -131,6 +136,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
         bad("checkpoint.every", "must be >= 0 (0 = only at the end)")
     if c.distributed.initialize not in ("auto", "yes", "no"):
         bad("distributed.initialize", "must be auto, yes or no")
+    if c.distributed.num_processes < 0:
+        bad("distributed.num_processes", "must be >= 0 (0 = from the environment)")
+    if c.distributed.num_processes and not -1 <= c.distributed.process_id < c.distributed.num_processes:
+        bad("distributed.process_id", f"{c.distributed.process_id} is not in "
+                                      f"[0, distributed.num_processes={c.distributed.num_processes})")
 
 
 def resolve_mesh_shape(shape, n_devices: int) -> tuple[int, int, int]:

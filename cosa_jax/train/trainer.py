@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
+from cosa_jax import distributed
 from cosa_jax import sharding as shd
 from cosa_jax.models import load_hf, load_tokenizer, save_hf
 from cosa_jax.train import config as tc
@@ -35,15 +35,6 @@ class TrainingDiverged(RuntimeError):
     """A non-finite loss or gradient; the state and checkpoints stay at the last good step."""
 
 
-def maybe_initialize_distributed(mode: str) -> None:
-    """Multi-process launches (Slurm with several tasks, TPU pods, explicit coordinator)."""
-    multi = (int(os.environ.get("SLURM_NTASKS", "1")) > 1
-             or "JAX_COORDINATOR_ADDRESS" in os.environ
-             or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""))
-    if mode == "yes" or (mode == "auto" and multi):
-        jax.distributed.initialize()
-
-
 def _global_array(host: np.ndarray, sharding) -> jax.Array:
     """Every process builds the same host batch; each device takes only its shard."""
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
@@ -53,7 +44,7 @@ class Trainer:
     def __init__(self, config: ml_collections.ConfigDict):
         tc.validate(config)
         self.c = config
-        maybe_initialize_distributed(config.distributed.initialize)
+        distributed.initialize(config.distributed)
         self.is_main = jax.process_index() == 0
         self.out = Path(config.output_dir)
         self.ckpt_dir = Path(config.checkpoint.dir or self.out / "checkpoints").absolute()
@@ -145,7 +136,9 @@ class Trainer:
         """Reference log-probs of every pair, once, cached on disk: the reference model need
         not sit in device memory during training."""
         self.ref_logps = {}
-        fn = jax.jit(lambda p, b: ts.sequence_logps(p, self.mcfg, b, self.loss_cfg.logps_chunk))
+        # Replicated out: every process reads all rows (a batch-sharded result spans processes).
+        fn = jax.jit(lambda p, b: ts.sequence_logps(p, self.mcfg, b, self.loss_cfg.logps_chunk),
+                     out_shardings=shd.replicated(self.mesh))
         micro_pairs = self.c.train.batch_size // self.c.train.grad_accum
         for tag, examples in (("train", self.train_examples), ("eval", self.eval_examples)):
             if not examples:
@@ -225,7 +218,8 @@ class Trainer:
             return {}
         if not hasattr(self, "_eval_fn"):
             self._eval_fn = jax.jit(lambda p, r, b: ts.loss_and_metrics(
-                p, r, jax.tree.map(lambda x: x[0], b), self.mcfg, self.loss_cfg)[1])
+                p, r, jax.tree.map(lambda x: x[0], b), self.mcfg, self.loss_cfg)[1],
+                out_shardings=shd.replicated(self.mesh))
         micro = self.c.train.batch_size // self.c.train.grad_accum
         n = len(self.eval_examples)
         totals, count = {}, 0

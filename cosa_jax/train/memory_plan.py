@@ -15,7 +15,7 @@ import jax
 
 from cosa_jax.train.config import TrainConfigError
 
-GB = 1024**3
+GB = 10**9  # decimal, as device memory is quoted (H200: 141 GB, A100: 80 GB)
 
 
 class MemoryPlanError(TrainConfigError):

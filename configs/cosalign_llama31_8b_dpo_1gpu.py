@@ -7,11 +7,7 @@ Here: gradients and their accumulator in bf16 (-16 GB), reference log-probs comp
 read from disk (-16 GB, no reference weights resident), 16 micro-batches of 2 pairs (the
 recipe's 32 pairs a step). launch.train prints the compiled step's memory plan first and stops,
 naming what to change, if it still does not fit (e.g. model.remat='dots_with_no_batch_dims').
-XLA:CPU's plan of this step (compiled abstractly, scanned layers, xla attention), in GB per
-device: the 4-GPU recipe's settings on one device 212.8; these settings 152.7; plus remat
-dots_with_no_batch_dims 141.6; plus model.param_dtype=bfloat16 110.5. XLA:CPU probably widens
-bf16 matmul operands to fp32 (its temporaries stay ~78 GB whatever the master dtype), so the
-GPU's own plan, the one launch.train checks, is expected lower; not yet run on a GPU.
+XLA:CPU's estimate under each setting: bench/results/memory_plan_8b_cpu.txt.
     python -m launch.train --config configs/cosalign_llama31_8b_dpo_1gpu.py \\
         --config.model.path=runs/cosalign_llama31_8b_sft/hf
 """

@@ -81,7 +81,10 @@ def test_two_processes_match_one_and_resume_after_sigkill(tmp_path):
     deadline = time.time() + 400
     metrics = two / "metrics.jsonl"
     while time.time() < deadline and all(p.poll() is None for p, _ in procs):
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+        # Past step 3, with step 2's checkpoint committed (Orbax renames its temporary
+        # directory to the step number once every process has written its part).
+        if (metrics.exists() and len(metrics.read_text().splitlines()) >= 3
+                and (two / "checkpoints" / "2").is_dir()):
             break
         time.sleep(0.2)
     for proc, _ in procs:

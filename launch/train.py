@@ -1,6 +1,10 @@
 """python -m launch.train --config configs/X.py [--config.train.lr=1e-6 ...]
 
 SFT or DPO per ``train.mode``; resumes from the newest checkpoint in ``checkpoint.dir`` by itself.
+Several processes (Slurm tasks, TPU hosts, or ``--config.distributed.coordinator_address=host:port
+--config.distributed.num_processes=N --config.distributed.process_id=I`` by hand) each run this
+same command; see cosa_jax.distributed. Before the first step it prints the compiled step's
+memory per device and stops if it cannot fit (cosa_jax.train.memory_plan).
 """
 
 import json
@@ -21,11 +25,14 @@ def main(argv):
     if _CONFIG.value is None:
         sys.exit("usage: python -m launch.train --config configs/demo.py [--config.KEY=VALUE ...]")
     from cosa_jax.train.checkpoints import CheckpointRestoreError
+    from cosa_jax.train.memory_plan import MemoryPlanError
     try:
         summary = train(_CONFIG.value)
-    except CheckpointRestoreError as e:
+    except (CheckpointRestoreError, MemoryPlanError) as e:
         sys.exit(f"[cosa-jax] error: {e}")
-    print(json.dumps(summary, indent=2))
+    import jax
+    if jax.process_index() == 0:
+        print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

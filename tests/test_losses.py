@@ -292,3 +292,100 @@ def _all_eqns(jaxpr):
                 sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
                 if hasattr(sub, "eqns"):
                     yield from _all_eqns(sub)
+
+
+# ----- SimPO, ORPO, score-margin DPO against the papers' formulas written out in torch ------
+def _pairs(seed, n=16):
+    """Summed response log-probs and lengths shaped like real ones: mean token log-prob in
+    [-3, -0.05] (so P(y) = exp(mean) stays away from 0 and 1, where the torch form is exact)."""
+    rng = np.random.default_rng(seed)
+    len_c, len_r = (rng.integers(1, 200, size=n).astype(np.int32) for _ in range(2))
+    pc = (rng.uniform(-3, -0.05, size=n) * len_c).astype(np.float32)
+    pr = (rng.uniform(-3, -0.05, size=n) * len_r).astype(np.float32)
+    return pc, pr, len_c, len_r
+
+
+def _f64(x):
+    return x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x), dtype=torch.float64)
+
+
+def torch_simpo(pc, pr, len_c, len_r, beta, gamma):
+    """SimPO eq. 6: -log s(beta/|y_w| log pi(y_w|x) - beta/|y_l| log pi(y_l|x) - gamma)."""
+    pc, pr, lc, lr = (_f64(x) for x in (pc, pr, len_c, len_r))
+    return -F.logsigmoid(beta / lc * pc - beta / lr * pr - gamma)
+
+
+def torch_orpo(pc, pr, len_c, len_r, lam):
+    """ORPO eqs. 1-7: P_theta(y|x) = exp(1/m sum_t log P(y_t|x, y_<t)); odds = P / (1 - P);
+    L = L_SFT - lam * log s(log(odds(y_w) / odds(y_l))), L_SFT the chosen response's NLL
+    averaged over its tokens."""
+    pc, pr, lc, lr = (_f64(x) for x in (pc, pr, len_c, len_r))
+    p_w, p_l = torch.exp(pc / lc), torch.exp(pr / lr)
+    odds_w, odds_l = p_w / (1 - p_w), p_l / (1 - p_l)
+    l_sft = -pc / lc
+    return l_sft - lam * F.logsigmoid(torch.log(odds_w / odds_l))
+
+
+@pytest.mark.parametrize("beta,gamma", [(2.0, 1.0), (2.5, 0.0), (10.0, 3.0)])
+def test_simpo_loss_matches_torch(beta, gamma):
+    pc, pr, len_c, len_r = _pairs(11)
+    ours, rew_c, rew_r = losses.simpo_loss(pc, pr, len_c, len_r, beta=beta, gamma=gamma)
+    ref = torch_simpo(pc, pr, len_c, len_r, beta, gamma).numpy()
+    np.testing.assert_allclose(np.asarray(ours), ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(rew_c), beta * pc / len_c, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(rew_r), beta * pr / len_r, rtol=1e-6)
+    print(f"simpo beta={beta} gamma={gamma} max abs diff vs torch: {np.abs(np.asarray(ours) - ref).max():.2e}")
+
+
+@pytest.mark.parametrize("lam", [0.1, 0.25, 1.0])
+def test_orpo_loss_matches_torch(lam):
+    pc, pr, len_c, len_r = _pairs(12)
+    ours, rew_c, _, nll = losses.orpo_loss(pc, pr, len_c, len_r, lam=lam)
+    ref = torch_orpo(pc, pr, len_c, len_r, lam).numpy()
+    np.testing.assert_allclose(np.asarray(ours), ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(nll), -pc / len_c, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(rew_c), lam * pc / len_c, rtol=1e-6)
+    print(f"orpo lam={lam} max abs diff vs torch: {np.abs(np.asarray(ours) - ref).max():.2e}")
+
+
+def test_orpo_and_simpo_gradients_match_torch():
+    pc, pr, len_c, len_r = _pairs(13, n=6)
+    for name, ours_fn, ref_fn in (
+        ("simpo", lambda a, b: losses.simpo_loss(a, b, len_c, len_r, beta=2.0, gamma=0.5)[0],
+         lambda a, b: torch_simpo(a, b, len_c, len_r, 2.0, 0.5)),
+        ("orpo", lambda a, b: losses.orpo_loss(a, b, len_c, len_r, lam=0.2)[0],
+         lambda a, b: torch_orpo(a, b, len_c, len_r, 0.2)),
+    ):
+        g = jax.grad(lambda a, b: ours_fn(a, b).mean(), argnums=(0, 1))(jnp.asarray(pc), jnp.asarray(pr))
+        a = torch.tensor(pc.astype(np.float64), requires_grad=True)
+        b = torch.tensor(pr.astype(np.float64), requires_grad=True)
+        ref_fn(a, b).mean().backward()
+        np.testing.assert_allclose(np.asarray(g[0]), a.grad.numpy(), rtol=1e-4, atol=1e-8, err_msg=name)
+        np.testing.assert_allclose(np.asarray(g[1]), b.grad.numpy(), rtol=1e-4, atol=1e-8, err_msg=name)
+
+
+def test_log1m_exp_is_accurate_at_both_ends():
+    x = np.array([-1e-7, -1e-3, -0.5, -0.7, -5.0, -50.0], np.float64)
+    ours = np.asarray(losses.log1m_exp(jnp.asarray(x, jnp.float32)))
+    ref = torch.log(-torch.expm1(torch.as_tensor(x))).numpy()  # exact in float64
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-20)
+
+
+@pytest.mark.parametrize("margin_scale", [0.0, 0.5, 2.0])
+def test_score_margin_dpo_matches_torch(margin_scale):
+    """Ours: -log s(beta h - margin_scale * (score_rejected - score_chosen)); scale 0 = DPO."""
+    rng = np.random.default_rng(14)
+    pc, pr, rc, rr = (rng.normal(-60, 15, size=8).astype(np.float32) for _ in range(4))
+    s_c, s_r = rng.choice([1.0, 2.0, 3.0], 8), rng.choice([1.0, 2.0, 3.0], 8)
+    gap = (s_r - s_c).astype(np.float32)
+    ours, rew_c, rew_r = losses.score_margin_dpo_loss(pc, pr, rc, rr, gap, beta=0.1,
+                                                      margin_scale=margin_scale)
+    t = lambda x: torch.as_tensor(x, dtype=torch.float64)
+    h = (t(pc) - t(pr)) - (t(rc) - t(rr))
+    ref = -F.logsigmoid(0.1 * h - margin_scale * t(gap))
+    np.testing.assert_allclose(np.asarray(ours), ref.numpy(), rtol=1e-5, atol=1e-6)
+    _, ref_c, ref_r = torch_dpo(pc, pr, rc, rr, 0.1, 0.0, "sigmoid")
+    np.testing.assert_allclose(np.asarray(rew_c), ref_c.numpy(), rtol=1e-5, atol=1e-5)
+    if margin_scale == 0.0:
+        np.testing.assert_allclose(np.asarray(ours),
+                                   np.asarray(losses.dpo_loss(pc, pr, rc, rr, beta=0.1)[0]), rtol=1e-6)

@@ -157,3 +157,69 @@ def test_bad_data_row_names_file_and_line(tiny_chat, tmp_path):
     bad.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match=r"bad\.jsonl.*3.*chosen_response"):
         Trainer(small_config(tiny_chat, tmp_path / "o", data__train=str(bad)))
+
+
+def test_memory_plan_is_printed_and_an_unfittable_config_refused(tiny_chat, tmp_path, capsys):
+    """XLA's per-device accounting of the compiled step; on CPU the check runs only with
+    train.device_memory_gb set, and the refusal names the settings that would shrink it."""
+    from cosa_jax.train import memory_plan
+    trainer = Trainer(small_config(tiny_chat, tmp_path / "ok", train__max_steps=1))
+    trainer.run()
+    assert "memory plan per device" in capsys.readouterr().out
+    plan = trainer.memory_plan
+    # The state's own bytes on one device (fsdp=4) are among the step's arguments.
+    import jax
+    state_bytes = sum(s.data.nbytes for x in jax.tree.leaves(trainer.ref_params)
+                      for s in x.addressable_shards if s.device == jax.local_devices()[0])
+    assert plan.argument_bytes > state_bytes > 0 and plan.peak_bytes >= plan.argument_bytes
+    assert plan.device_bytes is None  # CPU: memory_stats() has no limit
+
+    too_small = plan.peak_bytes / memory_plan.GB / 2
+    with pytest.raises(memory_plan.MemoryPlanError) as err:
+        Trainer(small_config(tiny_chat, tmp_path / "no", train__device_memory_gb=too_small)).run()
+    msg = str(err.value)
+    for key in ("train.device_memory_gb", "model.remat", "train.grad_dtype", "dpo.precompute_ref",
+                "train.grad_accum", "mesh.shape"):
+        assert key in msg, (key, msg)
+    # The same plan on a device of a given size: refused only above the headroom, and settings
+    # already at their leanest are not suggested again.
+    import dataclasses
+    lean = small_config(tiny_chat, tmp_path, train__grad_dtype="bfloat16", dpo__precompute_ref=True)
+    roomy = dataclasses.replace(plan, device_bytes=int(plan.peak_bytes / 0.9), device_source="test")
+    memory_plan.check(roomy, lean)  # 90 % of the device, under the 95 % headroom
+    lean.train.memory_headroom = 0.85
+    with pytest.raises(memory_plan.MemoryPlanError, match="train.memory_headroom=0.85") as err:
+        memory_plan.check(roomy, lean)
+    assert "train.grad_dtype" not in str(err.value) and "dpo.precompute_ref" not in str(err.value)
+    assert "model.remat" in str(err.value)
+
+
+def test_score_margin_gaps_come_from_the_rows(tiny_chat, tmp_path):
+    """First step, policy = reference (h = 0): the loss is mean -log s(-scale * gap) over the
+    batch's pairs, the gaps read from the file's two error-score fields."""
+    import math
+    from cosa_jax.train.data import load_preference_rows
+    scale = 0.7
+    out = Trainer(small_config(tiny_chat, tmp_path / "m", train__max_steps=1, train__shuffle=False,
+                               dpo__loss_type="score_margin", dpo__margin_scale=scale,
+                               data__eval="")).run()
+    rows = load_preference_rows("bundled:mini_prefs.jsonl")[:2]
+    gaps = [r["rejected_category_error_score"] - r["chosen_category_error_score"] for r in rows]
+    expected = sum(math.log1p(math.exp(scale * g)) for g in gaps) / len(gaps)
+    assert out["train"]["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_reference_free_objectives_hold_no_reference(tiny_chat, tmp_path):
+    trainer = Trainer(small_config(tiny_chat, tmp_path / "s", train__max_steps=1,
+                                   dpo__loss_type="simpo", dpo__precompute_ref=True))
+    out = trainer.run()
+    assert trainer.ref_params is None and not (tmp_path / "s" / "ref_logps").exists()
+    assert np.isfinite(out["train"]["loss"]) and np.isfinite(out["eval"]["eval/loss"])
+    with pytest.raises(tc.TrainConfigError, match="dpo.loss_type"):
+        tc.validate(small_config(tiny_chat, tmp_path, dpo__loss_type="kto"))
+    with pytest.raises(tc.TrainConfigError, match="dpo.label_smoothing"):
+        tc.validate(small_config(tiny_chat, tmp_path, dpo__loss_type="orpo", dpo__label_smoothing=0.1))
+    with pytest.raises(tc.TrainConfigError, match="train.grad_dtype"):
+        tc.validate(small_config(tiny_chat, tmp_path, train__grad_dtype="float16"))
+    with pytest.raises(tc.TrainConfigError, match="model.remat"):
+        tc.validate(small_config(tiny_chat, tmp_path, model__remat="dots_saveable"))

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import ml_collections
 
+from cosa_jax.models.config import REMAT_POLICIES
+from cosa_jax.train.losses import LOSS_TYPES  # paper's, from other papers, ours: docs/objectives.md
+
 MODES = ("sft", "dpo")
 TRUNCATIONS = ("reference", "none", "error")
+GRAD_DTYPES = ("float32", "bfloat16")
 
 
 class TrainConfigError(ValueError):
@@ -28,6 +32,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.compute_dtype = "bfloat16"
     c.model.attention_impl = "xla"                     # xla | cudnn | reference
     c.model.remat = "none"                             # none | full | dots | dots_with_no_batch_dims
+                                                       # (what the backward recomputes; saves
+                                                       # activations, see the memory plan)
     c.model.scan_layers = True                         # False: unrolled layer loop, longer compile
 
     c.data = ml_collections.ConfigDict()
@@ -61,6 +67,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.save_logits = False                        # keep the window logits for the backward:
                                                        # one vocab matmul less, fp32 logits of the
                                                        # whole window held (no logps_chunk then)
+    c.train.grad_dtype = "float32"                     # float32 | bfloat16: gradient accumulator
+                                                       # and averaged gradients (8B: 32 -> 16 GB)
+    c.train.device_memory_gb = 0.0                     # per device; 0 = ask the device
+                                                       # (memory_stats), none on CPU = no check
+    c.train.memory_headroom = 0.95                     # fraction of it the step may plan to use
     c.train.log_every = 1
     c.train.eval_every = 0                             # optimiser steps; 0 = only at the end
     c.train.shuffle = True
@@ -68,8 +79,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.dpo = ml_collections.ConfigDict()
     c.dpo.beta = 0.1
     c.dpo.label_smoothing = 0.0
-    c.dpo.loss_type = "sigmoid"                        # sigmoid | ipo | hinge
-    c.dpo.precompute_ref = False
+    c.dpo.loss_type = "sigmoid"                        # sigmoid | ipo | hinge | score_margin
+                                                       # | simpo | orpo (docs/objectives.md)
+    c.dpo.margin_scale = 0.5                           # score_margin: offset per unit of
+                                                       # rejected - chosen category-error score
+    c.dpo.simpo_beta = 2.0                             # simpo (SimPO's beta, not dpo.beta)
+    c.dpo.simpo_gamma = 1.0                            # simpo target margin (gamma/beta = 0.5)
+    c.dpo.orpo_lambda = 0.1                            # orpo weight of the odds-ratio term
+    c.dpo.precompute_ref = False                       # reference log-probs once, cached on
+                                                       # disk: no reference weights resident
     c.dpo.share_prompt = False                         # one row per pair: the prompt runs once
 
     c.mesh = ml_collections.ConfigDict()
@@ -86,7 +104,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.export.dtype = ""                                # default: the parameter dtype
 
     c.distributed = ml_collections.ConfigDict()
-    c.distributed.initialize = "auto"                  # auto | yes | no
+    c.distributed.initialize = "auto"                  # auto | yes | no (cosa_jax.distributed)
+    c.distributed.coordinator_address = ""             # host:port; else JAX_COORDINATOR_ADDRESS,
+                                                       # else JAX's Slurm / TPU detection
+    c.distributed.num_processes = 0                    # 0: JAX_NUM_PROCESSES or detected
+    c.distributed.process_id = -1                      # -1: JAX_PROCESS_ID or detected
+    c.distributed.timeout_s = 300                      # waiting for the other processes
     return c
 
 
@@ -121,6 +144,25 @@ def validate(c: ml_collections.ConfigDict) -> None:
         bad("data.max_prompt_length", "is larger than data.max_length")
     if c.dpo.beta <= 0:
         bad("dpo.beta", f"must be > 0, got {c.dpo.beta}")
+    if c.dpo.loss_type not in LOSS_TYPES:
+        bad("dpo.loss_type", f"{c.dpo.loss_type!r} is not one of {LOSS_TYPES}")
+    if c.dpo.simpo_beta <= 0:
+        bad("dpo.simpo_beta", f"must be > 0, got {c.dpo.simpo_beta}")
+    for key in ("dpo.simpo_gamma", "dpo.orpo_lambda", "dpo.margin_scale"):
+        section, name = key.split(".")
+        if c[section][name] < 0:
+            bad(key, f"must be >= 0, got {c[section][name]}")
+    if c.dpo.label_smoothing and c.dpo.loss_type != "sigmoid":
+        bad("dpo.label_smoothing", f"applies to dpo.loss_type='sigmoid' only, not "
+                                   f"{c.dpo.loss_type!r}")
+    if c.train.grad_dtype not in GRAD_DTYPES:
+        bad("train.grad_dtype", f"{c.train.grad_dtype!r} is not one of {GRAD_DTYPES}")
+    if c.model.remat not in REMAT_POLICIES:
+        bad("model.remat", f"{c.model.remat!r} is not one of {REMAT_POLICIES}")
+    if c.train.device_memory_gb < 0:
+        bad("train.device_memory_gb", "must be >= 0 (0 = ask the device)")
+    if not 0 < c.train.memory_headroom <= 1:
+        bad("train.memory_headroom", f"must be in (0, 1], got {c.train.memory_headroom}")
     if not 0 <= c.dpo.label_smoothing < 0.5:
         bad("dpo.label_smoothing", "must be in [0, 0.5)")
     if len(tuple(c.mesh.shape)) != 3:
@@ -131,6 +173,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
         bad("checkpoint.every", "must be >= 0 (0 = only at the end)")
     if c.distributed.initialize not in ("auto", "yes", "no"):
         bad("distributed.initialize", "must be auto, yes or no")
+    if c.distributed.num_processes < 0:
+        bad("distributed.num_processes", "must be >= 0 (0 = from the environment)")
+    if c.distributed.num_processes and not -1 <= c.distributed.process_id < c.distributed.num_processes:
+        bad("distributed.process_id", f"{c.distributed.process_id} is not in "
+                                      f"[0, distributed.num_processes={c.distributed.num_processes})")
 
 
 def resolve_mesh_shape(shape, n_devices: int) -> tuple[int, int, int]:

@@ -3,7 +3,9 @@
 Conventions (cosalign.md §5): labels use -100 for positions that carry no loss (prompt and
 padding); the token at position t is predicted from position t-1 (shift by one); log-softmax is
 taken in fp32; a response's log-prob is the SUM of its token log-probs (no length
-normalisation). Axis letters: b batch, t time, v vocabulary, d model width.
+normalisation; SimPO and ORPO divide by the response length themselves). Axis letters: b batch,
+t time, v vocabulary, d model width. Which objectives are the paper's and which are ours:
+docs/objectives.md.
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ import jax.numpy as jnp
 
 IGNORE_INDEX = -100
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+# DPO family (policy against a frozen reference): the paper's sigmoid DPO, IPO, hinge (SLiC),
+# and score_margin (ours). Reference-free: SimPO, ORPO.
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "score_margin", "simpo", "orpo")
+REFERENCE_FREE = ("simpo", "orpo")
 
 
 def _shifted_labels(labels_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -249,8 +254,9 @@ def dpo_loss(
       hinge:   relu(1 - beta h)
     Rewards are beta * (policy - reference) log-prob, as TRL reports them.
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"unknown DPO loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+    if loss_type not in ("sigmoid", "ipo", "hinge"):
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; expected sigmoid, ipo or hinge "
+                         f"(the others in {LOSS_TYPES} have their own functions)")
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
     f32 = jnp.float32
@@ -287,3 +293,90 @@ def dpo_metrics(
         "logps/chosen": jnp.mean(jax.lax.stop_gradient(policy_chosen_logps)),
         "logps/rejected": jnp.mean(jax.lax.stop_gradient(policy_rejected_logps)),
     }
+
+
+def _mean_logps(logps_b: jax.Array, lengths_b: jax.Array) -> jax.Array:
+    """Summed log-prob over response length (a length below 1 counts as 1: no division by 0)."""
+    return logps_b.astype(jnp.float32) / jnp.maximum(lengths_b.astype(jnp.float32), 1.0)
+
+
+def log1m_exp(x: jax.Array) -> jax.Array:
+    """log(1 - exp(x)) for x <= 0, accurate at both ends (Maechler's two-branch form):
+    log1p(-exp(x)) loses digits as x -> 0, log(-expm1(x)) as x -> -inf."""
+    return jnp.where(x > -math.log(2.0), jnp.log(-jnp.expm1(x)), jnp.log1p(-jnp.exp(x)))
+
+
+def score_margin_dpo_loss(
+    policy_chosen_logps: jax.Array,
+    policy_rejected_logps: jax.Array,
+    ref_chosen_logps: jax.Array,
+    ref_rejected_logps: jax.Array,
+    score_gap_b: jax.Array,
+    *,
+    beta: float = 0.1,
+    margin_scale: float = 0.5,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Ours (not in the CoSA paper): DPO whose pairs must be separated by more the larger
+    the gap between their category-error scores, gap = rejected_score - chosen_score:
+
+        -log s(beta h - margin_scale * gap),   h as in `dpo_loss`
+
+    An offset in the spirit of ODPO (Amini et al. 2024), with the offset read off CoSAlign's
+    error scores: a rejected response that breaks the config badly must lose by more than one
+    that is nearly as good. margin_scale = 0 is sigmoid DPO.
+    """
+    f32 = jnp.float32
+    pi_c, pi_r = policy_chosen_logps.astype(f32), policy_rejected_logps.astype(f32)
+    ref_c, ref_r = ref_chosen_logps.astype(f32), ref_rejected_logps.astype(f32)
+    h_b = (pi_c - pi_r) - (ref_c - ref_r)
+    losses_b = -jax.nn.log_sigmoid(beta * h_b - margin_scale * score_gap_b.astype(f32))
+    rew_c = jax.lax.stop_gradient(beta * (pi_c - ref_c))
+    rew_r = jax.lax.stop_gradient(beta * (pi_r - ref_r))
+    return losses_b, rew_c, rew_r
+
+
+def simpo_loss(
+    policy_chosen_logps: jax.Array,
+    policy_rejected_logps: jax.Array,
+    chosen_lengths_b: jax.Array,
+    rejected_lengths_b: jax.Array,
+    *,
+    beta: float = 2.0,
+    gamma: float = 1.0,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """SimPO (Meng et al. 2024), reference-free: the reward is the length-normalised log-prob.
+
+        -log s(beta/|y_c| log pi(y_c) - beta/|y_r| log pi(y_r) - gamma)
+
+    Returns per-pair losses and the (gradient-free) rewards beta/|y| log pi(y).
+    """
+    rew_c = beta * _mean_logps(policy_chosen_logps, chosen_lengths_b)
+    rew_r = beta * _mean_logps(policy_rejected_logps, rejected_lengths_b)
+    losses_b = -jax.nn.log_sigmoid(rew_c - rew_r - gamma)
+    return losses_b, jax.lax.stop_gradient(rew_c), jax.lax.stop_gradient(rew_r)
+
+
+def orpo_loss(
+    policy_chosen_logps: jax.Array,
+    policy_rejected_logps: jax.Array,
+    chosen_lengths_b: jax.Array,
+    rejected_lengths_b: jax.Array,
+    *,
+    lam: float = 0.1,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """ORPO (Hong et al. 2024), reference-free: SFT on the chosen response plus an odds ratio.
+
+        P(y) = exp(log pi(y) / |y|)                     (length-normalised likelihood)
+        odds(y) = P(y) / (1 - P(y))
+        loss = -log pi(y_c) / |y_c| - lam * log s(log odds(y_c) - log odds(y_r))
+
+    Returns per-pair losses, the rewards lam * log pi(y)/|y| (gradient-free, as TRL reports
+    them) and the per-pair NLL term.
+    """
+    mean_c = _mean_logps(policy_chosen_logps, chosen_lengths_b)
+    mean_r = _mean_logps(policy_rejected_logps, rejected_lengths_b)
+    log_odds_b = (mean_c - mean_r) - (log1m_exp(mean_c) - log1m_exp(mean_r))
+    nll_b = -mean_c
+    losses_b = nll_b - lam * jax.nn.log_sigmoid(log_odds_b)
+    return (losses_b, jax.lax.stop_gradient(lam * mean_c), jax.lax.stop_gradient(lam * mean_r),
+            jax.lax.stop_gradient(nll_b))

@@ -65,7 +65,9 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
 
     def update_fn(updates, state, params=None):
         del params
-        scale = jnp.minimum(1.0, max_norm / (optax.tree.norm(updates) + 1e-6))
+        # Squares summed in fp32 even for bf16 gradients (train.grad_dtype), fused, no copy.
+        norm = optax.tree.norm(jax.tree.map(lambda g: g.astype(jnp.float32), updates))
+        scale = jnp.minimum(1.0, max_norm / (norm + 1e-6))
         return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)

@@ -38,12 +38,28 @@ class LossConfig:
     precomputed_ref: bool = False     # batch carries ref_chosen_logps / ref_rejected_logps
     logps_chunk: int = 128
     save_logits: bool = False         # losses.chunked_target_logps: no logits recompute
+    simpo_beta: float = 2.0
+    simpo_gamma: float = 1.0
+    orpo_lambda: float = 0.1
+    margin_scale: float = 0.5         # score_margin: batch carries pair_score_gap
+    grad_dtype: str = "float32"       # gradient accumulator and averaged gradients
 
     def __post_init__(self):
         if self.mode not in ("dpo", "sft"):
             raise ValueError(f"train.mode must be 'dpo' or 'sft', got {self.mode!r}")
         if self.loss_type not in losses.LOSS_TYPES:
             raise ValueError(f"dpo.loss_type must be one of {losses.LOSS_TYPES}, got {self.loss_type!r}")
+        if self.grad_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"train.grad_dtype must be float32 or bfloat16, got {self.grad_dtype!r}")
+
+    @property
+    def needs_reference(self) -> bool:
+        """DPO-family losses compare against a reference; SimPO and ORPO do not."""
+        return self.mode == "dpo" and self.loss_type not in losses.REFERENCE_FREE
+
+    @property
+    def needs_score_gap(self) -> bool:
+        return self.mode == "dpo" and self.loss_type == "score_margin"
 
 
 def response_window(hidden_btd: jax.Array, start_b: jax.Array, width: int) -> jax.Array:
@@ -88,6 +104,19 @@ def pair_logps(params: Params, cfg: LlamaConfig, micro: dict, chunk: int,
     return chosen_b, rejected_b
 
 
+def pair_lengths(micro: dict) -> tuple[jax.Array, jax.Array]:
+    """Scored tokens of the (chosen, rejected) responses [pairs], after truncation: the |y| that
+    SimPO and ORPO normalise by, read off the same targets the log-probs sum over."""
+    if "segment_ids" in micro:
+        return ((micro["chosen_targets"] != losses.IGNORE_INDEX).sum(-1),
+                (micro["rejected_targets"] != losses.IGNORE_INDEX).sum(-1))
+    if "targets" in micro:
+        n_rows = (micro["targets"] != losses.IGNORE_INDEX).sum(-1)
+    else:
+        n_rows = (micro["labels"][:, 1:] != losses.IGNORE_INDEX).sum(-1)
+    return losses.split_pairs(n_rows)
+
+
 def loss_and_metrics(params: Params, ref_params: Params | None, micro: dict,
                      cfg: LlamaConfig, loss_cfg: LossConfig):
     """Scalar loss of one micro-batch and its metrics (batch means, TRL names)."""
@@ -97,15 +126,32 @@ def loss_and_metrics(params: Params, ref_params: Params | None, micro: dict,
         return loss, {"loss": loss, "logps/chosen": jnp.mean(jax.lax.stop_gradient(logps)),
                       "tokens/target": n_tokens.astype(jnp.float32)}
     pol_c, pol_r = pair_logps(params, cfg, micro, loss_cfg.logps_chunk, loss_cfg.save_logits)
-    if loss_cfg.precomputed_ref:
-        ref_c, ref_r = micro["ref_chosen_logps"], micro["ref_rejected_logps"]
+    lt, extra = loss_cfg.loss_type, {}
+    if lt in losses.REFERENCE_FREE:
+        len_c, len_r = pair_lengths(micro)
+        if lt == "simpo":
+            per_pair, rew_c, rew_r = losses.simpo_loss(pol_c, pol_r, len_c, len_r,
+                                                       beta=loss_cfg.simpo_beta,
+                                                       gamma=loss_cfg.simpo_gamma)
+        else:
+            per_pair, rew_c, rew_r, nll = losses.orpo_loss(pol_c, pol_r, len_c, len_r,
+                                                           lam=loss_cfg.orpo_lambda)
+            extra["nll"] = jnp.mean(nll)
     else:
-        ref_c, ref_r = jax.lax.stop_gradient(
-            pair_logps(ref_params, cfg, micro, loss_cfg.logps_chunk))
-    per_pair, rew_c, rew_r = losses.dpo_loss(pol_c, pol_r, ref_c, ref_r, beta=loss_cfg.beta,
-                                             label_smoothing=loss_cfg.label_smoothing,
-                                             loss_type=loss_cfg.loss_type)
-    metrics = losses.dpo_metrics(per_pair, rew_c, rew_r, pol_c, pol_r)
+        if loss_cfg.precomputed_ref:
+            ref_c, ref_r = micro["ref_chosen_logps"], micro["ref_rejected_logps"]
+        else:
+            ref_c, ref_r = jax.lax.stop_gradient(
+                pair_logps(ref_params, cfg, micro, loss_cfg.logps_chunk))
+        if lt == "score_margin":
+            per_pair, rew_c, rew_r = losses.score_margin_dpo_loss(
+                pol_c, pol_r, ref_c, ref_r, micro["pair_score_gap"], beta=loss_cfg.beta,
+                margin_scale=loss_cfg.margin_scale)
+        else:
+            per_pair, rew_c, rew_r = losses.dpo_loss(pol_c, pol_r, ref_c, ref_r, beta=loss_cfg.beta,
+                                                     label_smoothing=loss_cfg.label_smoothing,
+                                                     loss_type=lt)
+    metrics = {**losses.dpo_metrics(per_pair, rew_c, rew_r, pol_c, pol_r), **extra}
     return jnp.mean(per_pair), metrics
 
 
@@ -136,13 +182,17 @@ def make_train_step(cfg: LlamaConfig, loss_cfg: LossConfig, tx: optax.GradientTr
     def train_step(state: State, ref_params: Params | None, batch: dict):
         params = state["params"]
         compute_params = with_compute_layers(params, cfg)
+        # bfloat16: the accumulator and the averaged gradients that reach the optimiser stay
+        # bf16 (8B: 16 GB instead of 32 for the gradient tree; the optimiser's fp32 moments and
+        # master weights are untouched). float32: PyTorch's fp32 .grad buffers.
+        gdt = jnp.dtype(loss_cfg.grad_dtype)
         grad_fn = jax.value_and_grad(
             lambda p, micro: loss_and_metrics(p, ref_params, micro, cfg, loss_cfg), has_aux=True)
 
         def accumulate(carry, micro):
             grads_acc, metrics_acc = carry
             (_, metrics), grads = grad_fn(compute_params, micro)
-            grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
+            grads_acc = jax.tree.map(lambda a, g: a + g.astype(gdt), grads_acc, grads)
             metrics_acc = jax.tree.map(jnp.add, metrics_acc, metrics)
             return (grads_acc, metrics_acc), None
 
@@ -153,15 +203,17 @@ def make_train_step(cfg: LlamaConfig, loss_cfg: LossConfig, tx: optax.GradientTr
             (_, metrics), grads = grad_fn(compute_params, first)
         else:
             metrics_shape = jax.eval_shape(lambda: grad_fn(compute_params, first)[0][1])
-            zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
+            zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, gdt), params),
                      jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metrics_shape))
             (grads, metrics), _ = jax.lax.scan(accumulate, zeros, batch)
-        grads = jax.tree.map(lambda g, p: (g / n_micro).astype(p.dtype), grads, params)
+        grads = jax.tree.map(
+            lambda g, p: (g.astype(jnp.float32) / n_micro).astype(
+                p.dtype if gdt == jnp.float32 else gdt), grads, params)
         metrics = jax.tree.map(lambda m: m / n_micro, metrics)
         if "tokens/target" in metrics:
             metrics["tokens/target"] = metrics["tokens/target"] * n_micro
 
-        grad_norm = optax.tree.norm(grads)
+        grad_norm = optax.tree.norm(jax.tree.map(lambda g: g.astype(jnp.float32), grads))
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
 
         def update(params, opt_state):
@@ -204,10 +256,16 @@ def micro_batch_sharding(mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, P(None, shd.LOGICAL_TO_MESH["batch"], *([None] * (ndim - 2))))
 
 
+# Per-pair side values (precomputed reference log-probs, score gaps) by key prefix.
+PER_PAIR_PREFIXES = ("ref_", "pair_")
+
+
 def batch_sharding_for(key: str, ndim: int, mesh) -> NamedSharding:
-    """Sequences over (data, fsdp); precomputed per-pair reference log-probs replicated (tiny,
-    and a pair count need not divide the device count)."""
-    return shd.replicated(mesh) if key.startswith("ref_") else micro_batch_sharding(mesh, ndim)
+    """Sequences over (data, fsdp); per-pair side values replicated (tiny, and a pair count
+    need not divide the device count)."""
+    if key.startswith(PER_PAIR_PREFIXES):
+        return shd.replicated(mesh)
+    return micro_batch_sharding(mesh, ndim)
 
 
 def state_shardings(state_shapes: State, tx: optax.GradientTransformation, mesh) -> State:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -19,13 +18,14 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
+from cosa_jax import distributed
 from cosa_jax import sharding as shd
 from cosa_jax.models import load_hf, load_tokenizer, save_hf
 from cosa_jax.train import atomic_files
 from cosa_jax.train import checkpoints as ckpt
 from cosa_jax.train import config as tc
 from cosa_jax.train import data as td
-from cosa_jax.train import optim
+from cosa_jax.train import losses, memory_plan, optim
 from cosa_jax.train import step as ts
 from cosa_jax.train.metrics_log import MetricsLog, plot_curves
 
@@ -37,15 +37,6 @@ class TrainingDiverged(RuntimeError):
     """A non-finite loss or gradient; the state and checkpoints stay at the last good step."""
 
 
-def maybe_initialize_distributed(mode: str) -> None:
-    """Multi-process launches (Slurm with several tasks, TPU pods, explicit coordinator)."""
-    multi = (int(os.environ.get("SLURM_NTASKS", "1")) > 1
-             or "JAX_COORDINATOR_ADDRESS" in os.environ
-             or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""))
-    if mode == "yes" or (mode == "auto" and multi):
-        jax.distributed.initialize()
-
-
 def _global_array(host: np.ndarray, sharding) -> jax.Array:
     """Every process builds the same host batch; each device takes only its shard."""
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
@@ -55,7 +46,7 @@ class Trainer:
     def __init__(self, config: ml_collections.ConfigDict):
         tc.validate(config)
         self.c = config
-        maybe_initialize_distributed(config.distributed.initialize)
+        distributed.initialize(config.distributed)
         self.is_main = jax.process_index() == 0
         self.out = Path(config.output_dir)
         self.ckpt_dir = Path(config.checkpoint.dir or self.out / "checkpoints").absolute()
@@ -100,14 +91,37 @@ class Trainer:
                                        decay=t.rmsprop_decay, eps=t.rmsprop_eps,
                                        schedule=t.schedule, total_steps=self.total_steps,
                                        weight_decay=t.weight_decay)
-        self.loss_cfg = ts.LossConfig(mode=self.mode, beta=config.dpo.beta,
-                                      label_smoothing=config.dpo.label_smoothing,
-                                      loss_type=config.dpo.loss_type,
-                                      precomputed_ref=self.mode == "dpo" and config.dpo.precompute_ref,
+        d = config.dpo
+        reference_free = d.loss_type in losses.REFERENCE_FREE
+        self.loss_cfg = ts.LossConfig(mode=self.mode, beta=d.beta,
+                                      label_smoothing=d.label_smoothing, loss_type=d.loss_type,
+                                      precomputed_ref=(self.mode == "dpo" and d.precompute_ref
+                                                       and not reference_free),
                                       logps_chunk=t.logps_chunk,
-                                      save_logits=bool(t.save_logits))
+                                      save_logits=bool(t.save_logits),
+                                      simpo_beta=d.simpo_beta, simpo_gamma=d.simpo_gamma,
+                                      orpo_lambda=d.orpo_lambda, margin_scale=d.margin_scale,
+                                      grad_dtype=t.grad_dtype)
+        self.score_gaps = {}
+        if self.loss_cfg.needs_score_gap:
+            self.score_gaps["train"] = self._score_gaps(config.data.train, config.data.train_split,
+                                                        len(self.train_examples))
+            if self.eval_examples:
+                self.score_gaps["eval"] = self._score_gaps(
+                    config.data.eval, config.data.eval_split, None)[:len(self.eval_examples)]
 
     # ------------------------------------------------------------------ setup pieces
+    @staticmethod
+    def _score_gaps(source, split, n_examples) -> np.ndarray:
+        """rejected_category_error_score - chosen_category_error_score per pair, in the order
+        the pairs were tokenised (one example per row in DPO mode)."""
+        rows = td.load_preference_rows(source, split=split)
+        if n_examples is not None and len(rows) != n_examples:
+            raise td.DataError(f"{source}: {len(rows)} rows but {n_examples} tokenised pairs; "
+                               f"dpo.loss_type='score_margin' needs one pair per row")
+        return np.asarray([float(r["rejected_category_error_score"])
+                           - float(r["chosen_category_error_score"]) for r in rows], np.float32)
+
     def _check_batch_fits_mesh(self):
         c = self.c
         two_rows = c.train.mode == "dpo" and not self.share_prompt
@@ -125,10 +139,12 @@ class Trainer:
         shapes = jax.eval_shape(lambda p: ts.init_state(p, self.tx, self.c.seed), params)
         self.state_sh = ts.state_shardings(shapes, self.tx, self.mesh)
         self.ref_params = None
-        if self.mode == "dpo" and not self.loss_cfg.precomputed_ref:
+        if not self.loss_cfg.needs_reference:
+            pass  # SFT, SimPO, ORPO: no reference model at all
+        elif not self.loss_cfg.precomputed_ref:
             self.ref_params = jax.jit(lambda p: ts.reference_params(p, self.mcfg),
                                       out_shardings=self.state_sh["params"])(params)
-        elif self.mode == "dpo":
+        else:
             self._precompute_reference(params)
         init = jax.jit(lambda p: ts.init_state(p, self.tx, self.c.seed),
                        out_shardings=self.state_sh, donate_argnums=(0,))
@@ -147,7 +163,9 @@ class Trainer:
         """Reference log-probs of every pair, once, cached on disk: the reference model need
         not sit in device memory during training."""
         self.ref_logps = {}
-        fn = jax.jit(lambda p, b: ts.sequence_logps(p, self.mcfg, b, self.loss_cfg.logps_chunk))
+        # Replicated out: every process reads all rows (a batch-sharded result spans processes).
+        fn = jax.jit(lambda p, b: ts.sequence_logps(p, self.mcfg, b, self.loss_cfg.logps_chunk),
+                     out_shardings=shd.replicated(self.mesh))
         micro_pairs = self.c.train.batch_size // self.c.train.grad_accum
         for tag, examples in (("train", self.train_examples), ("eval", self.eval_examples)):
             if not examples:
@@ -209,17 +227,32 @@ class Trainer:
                           window_multiple=self._window_multiple(), indices=idx)
 
     def _device_batch(self, batch: dict, tag: str = "train", grad_accum: int | None = None):
-        host = ts.to_micro_batches(batch, grad_accum or self.c.train.grad_accum, self.mode)
+        grad_accum = grad_accum or self.c.train.grad_accum
+        host = ts.to_micro_batches(batch, grad_accum, self.mode)
+        per_pair = {}
         if self.loss_cfg.precomputed_ref:
             ref = self.ref_logps[tag][batch["index"]]
-            host.update(ts.to_micro_batches({"ref_chosen_logps": ref[:, 0],
-                                             "ref_rejected_logps": ref[:, 1]},
-                                            grad_accum or self.c.train.grad_accum, "sft"))
+            per_pair.update(ref_chosen_logps=ref[:, 0], ref_rejected_logps=ref[:, 1])
+        if self.loss_cfg.needs_score_gap:
+            per_pair["pair_score_gap"] = self.score_gaps[tag][batch["index"]]
+        # [pairs] -> [grad_accum, pairs/grad_accum]: the same split as the pairs' rows.
+        host.update(ts.to_micro_batches(per_pair, grad_accum, "sft"))
         return {k: _global_array(v, ts.batch_sharding_for(k, v.ndim, self.mesh)) for k, v in host.items()}
 
     def _log(self, line: str) -> None:
         if self.is_main:
             print(line, flush=True)
+
+    def _check_memory(self, train_step, state, device_batch) -> memory_plan.MemoryPlan:
+        """Compile the step (jit's cache keeps it for the first call) and refuse a plan that
+        cannot fit, before the first step allocates."""
+        compiled = train_step.lower(state, self.ref_params, device_batch).compile()
+        plan = memory_plan.from_compiled(compiled, jax.local_devices()[0],
+                                         self.c.train.device_memory_gb)
+        if self.is_main:
+            print(plan.report(), flush=True)
+        memory_plan.check(plan, self.c)
+        return plan
 
     def _checkpoint_manager(self):
         return ckpt.make_manager(self.ckpt_dir, keep=self.c.checkpoint.keep,
@@ -230,7 +263,8 @@ class Trainer:
             return {}
         if not hasattr(self, "_eval_fn"):
             self._eval_fn = jax.jit(lambda p, r, b: ts.loss_and_metrics(
-                p, r, jax.tree.map(lambda x: x[0], b), self.mcfg, self.loss_cfg)[1])
+                p, r, jax.tree.map(lambda x: x[0], b), self.mcfg, self.loss_cfg)[1],
+                out_shardings=shd.replicated(self.mesh))
         micro = self.c.train.batch_size // self.c.train.grad_accum
         n = len(self.eval_examples)
         totals, count = {}, 0
@@ -263,9 +297,15 @@ class Trainer:
                                      pad_id=self.pad_id, seed=self.c.seed, start=position,
                                      shuffle=self.c.train.shuffle, collate_fn=self._collate)
         first_batch, first_pos = next(batches)
+        first_dev = self._device_batch(first_batch)
         train_step = ts.jit_train_step(
             ts.make_train_step(self.mcfg, self.loss_cfg, self.tx, self.lr_schedule), self.mesh,
-            self.state_sh, self._device_batch(first_batch), with_ref=self.ref_params is not None)
+            self.state_sh, first_dev, with_ref=self.ref_params is not None)
+        try:
+            self.memory_plan = self._check_memory(train_step, state, first_dev)
+        except memory_plan.MemoryPlanError:
+            manager.close()
+            raise
 
         def save(step_, position_):
             ckpt.save(manager, step_, state, position_, self.c.seed)

@@ -59,7 +59,10 @@ def test_sigkill_and_restart_equals_uninterrupted_run(tiny_chat, tmp_path):
     deadline = time.time() + 300
     while time.time() < deadline:
         metrics = killed / "metrics.jsonl"
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+        # Step 2's asynchronous save must be committed (its directory renamed from the tmp
+        # name), or under load the restart could rightly begin from scratch.
+        if (metrics.exists() and len(metrics.read_text().splitlines()) >= 3
+                and (killed / "checkpoints" / "2").is_dir()):
             break
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)

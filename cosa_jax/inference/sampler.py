@@ -1,18 +1,19 @@
-"""Batched generation with a KV cache: one compiled program per shape bucket.
+"""Batched generation with a KV cache: compiled programs per shape bucket.
 
-Prefill and the whole decode loop (a ``lax.while_loop`` that exits once every row has hit an
-end-of-sequence token) run inside one ``jax.jit``, so there is no Python dispatch per token and
-no recompilation per token. Shapes are bucketed (batch to a power of two, prompt length to a
-multiple of 64 (16 or 32 when shorter), new tokens to a multiple of 32) so a server sees few distinct programs.
-Greedy rows (temperature 0) and sampled rows (temperature / top-k / top-p) mix in one batch.
+Two decode loops, one result. "fused": prefill and the whole decode (a ``lax.while_loop`` that
+exits once every row has hit an end-of-sequence token) in one ``jax.jit``, no Python per token.
+"stepped": a jitted prefill, then per token a jitted select and a jitted one-token decode step
+with the cache donated; the host sees each token. Constrained rows
+(``cosa_jax.inference.constraints``) need the stepped loop, as the grammar matcher runs on the
+host: the select masks logits to -inf with a packed [B, V/32] bitmask on device, only the mask
+goes in and the token ids come out, and the decode step is dispatched before the host waits for
+the ids, so the matchers compute the next mask while the device runs the forward. Free rows in
+such a batch get an all-ones mask and decode exactly as they would alone. ``generate`` steps on
+CPU and fuses elsewhere unless told (see its ``loop`` argument).
 
-Rows with an output constraint (``cosa_jax.inference.constraints``) need the grammar matcher,
-which runs on the host, between two tokens. A batch with any constrained row therefore takes a
-stepped path: a jitted prefill, then per token a jitted select (logits masked to -inf by a packed
-[B, V/32] bitmask on device) and a jitted one-token decode step with the cache donated. Only the
-bitmask goes in and the token ids come out; the decode step is dispatched before the host waits
-for the ids, so the matchers compute the next mask while the device runs the forward. Free rows
-in such a batch get an all-ones mask and decode as they would in the fused path.
+Shapes are bucketed (batch to a power of two, prompt length to 16, 32 or a multiple of 64, new
+tokens to a multiple of 32) so a server sees few distinct programs. Greedy rows (temperature 0)
+and sampled rows (temperature / top-k / top-p) mix in one batch.
 """
 
 from __future__ import annotations
@@ -208,7 +209,9 @@ _unstack_program = jax.jit(_unstack_layers)
 def _select_program(logits_bv, bitmask_bw, temperature_b, top_p_b, top_k_b, seeds_b, step, *,
                     any_sampling: bool):
     keys_b = jax.vmap(jax.random.key)(seeds_b)
-    return _pick(apply_bitmask(logits_bv, bitmask_bw), temperature_b, top_p_b, top_k_b, keys_b,
+    if bitmask_bw is not None:
+        logits_bv = apply_bitmask(logits_bv, bitmask_bw)
+    return _pick(logits_bv, temperature_b, top_p_b, top_k_b, keys_b,
                  step, any_sampling=any_sampling)
 
 
@@ -253,13 +256,20 @@ def generate(params: Params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]],
              sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
              *, eos_ids: Sequence[int] | None = None, pad_id: int | None = None,
              tokenizer=None,
-             constraints: Sequence[OutputConstraint | None] | None = None) -> list[Completion]:
+             constraints: Sequence[OutputConstraint | None] | None = None,
+             loop: str = "auto") -> list[Completion]:
     """Generate for a batch of token-id prompts; returns one Completion per prompt.
 
     With a tokenizer, completions carry text, and stop strings cut the text (and tokens).
     ``constraints`` (one per prompt, None = free) restrict rows to a choice, regex, JSON schema
     or grammar; they need the tokenizer. A constrained row that has not ended its grammar
     by ``max_new_tokens`` finishes with "length".
+
+    ``loop``: "fused" runs the whole decode in one while_loop program, "stepped" one jitted
+    program per token (needed for constraints). "auto" steps on CPU as well: there XLA ran the
+    fused loop's body slower than the same step as its own program with a donated cache
+    (``bench/generate.py`` compares them), and fuses on accelerators, where a host round trip
+    per token costs more.
     """
     if not prompts:
         return []
@@ -299,9 +309,15 @@ def generate(params: Params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]],
                 jnp.asarray([s.top_k for s in rows], jnp.int32),
                 jnp.asarray([s.seed for s in rows], jnp.uint32))
     any_sampling = any(s.temperature > 0 for s in rows)
-    if constrained:
-        compiler = ConstraintCompiler.for_tokenizer(tokenizer, vocab_size=cfg.vocab_size,
-                                                    eos_ids=eos)
+    if loop not in ("auto", "stepped", "fused"):
+        raise ValueError(f"loop={loop!r}; expected 'auto', 'stepped' or 'fused'")
+    if constrained and loop == "fused":
+        raise ValueError("constrained rows need the stepped loop (the matcher runs on the host)")
+    if loop == "auto":
+        loop = "stepped" if constrained or jax.default_backend() == "cpu" else "fused"
+    if loop == "stepped":
+        compiler = (ConstraintCompiler.for_tokenizer(tokenizer, vocab_size=cfg.vocab_size,
+                                                     eos_ids=eos) if constrained else None)
         out = _generate_stepped(params, cfg, ids, mask, row_args, row_constraints, compiler,
                                 [s.max_new_tokens for s in per_row], eos, pad,
                                 max_new=max_new, any_sampling=any_sampling)
@@ -334,7 +350,8 @@ def generate(params: Params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]],
 
 def _generate_stepped(params, cfg, ids, mask, row_args, row_constraints, compiler,
                       row_max_new, eos, pad, *, max_new, any_sampling):
-    """The host-stepped decode loop for batches with constrained rows: [B, max_new] token ids."""
+    """The host-stepped decode loop (any batch; the only one for constrained rows): token ids
+    [B, max_new]. A batch without constraints sends no mask."""
     batch = ids.shape[0]
     n = len(row_constraints)
     states = [compiler.start(c) if c is not None else None for c in row_constraints]
@@ -343,14 +360,17 @@ def _generate_stepped(params, cfg, ids, mask, row_args, row_constraints, compile
     eos_set = set(eos)
     out = np.full((batch, max_new), pad, np.int32)
     done = np.zeros(batch, bool)
-    bitmask = new_bitmask(batch, cfg.vocab_size)
+    constrained = any(st is not None for st in states)
+    bitmask = new_bitmask(batch, cfg.vocab_size) if constrained else None
     logits, cache = _prefill_program(params, jnp.asarray(ids), jnp.asarray(mask), cfg=cfg,
                                      cache_len=ids.shape[1] + max_new)
     rest, layers = _unstack_program(params)
-    fill_bitmasks(states, bitmask, compiler)
+    if constrained:
+        fill_bitmasks(states, bitmask, compiler)
     last = int(limits.max())
     for step in range(last):
-        tok_dev = _select_program(logits, jnp.asarray(bitmask), *row_args, jnp.int32(step),
+        tok_dev = _select_program(logits, None if bitmask is None else jnp.asarray(bitmask),
+                                  *row_args, jnp.int32(step),
                                   any_sampling=any_sampling)
         if step + 1 < last:
             # Dispatched before the host blocks on the ids: the forward runs while the
@@ -367,5 +387,6 @@ def _generate_stepped(params, cfg, ids, mask, row_args, row_constraints, compile
                 states[i] = None
         if done.all():
             break
-        fill_bitmasks(states, bitmask, compiler)
+        if constrained:
+            fill_bitmasks(states, bitmask, compiler)
     return out

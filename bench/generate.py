@@ -2,10 +2,11 @@
 
 Greedy, fp32, exactly 128 new tokens per row on both sides (JAX: no end-of-sequence id;
 PyTorch: ``min_new_tokens=128``), the same 32-token prompts, batch 1 and 16. Tokens/s counts
-new tokens only; both timings include the prefill. Then the server (continuous batching): 16
-concurrent streaming clients through the official ``openai`` client, ``max_tokens`` 128,
-answers end at their own end-of-turn: completion tokens/s against the sampler's batch-16 rate of
-the same run, and time to first token (p50 / p99).
+new tokens only; both timings include the prefill. Then constrained vs free decoding at batch 16
+(every row under the 8-way risk JSON schema vs the same prompts free, tokens/s, interleaved).
+Then the server (continuous batching): 16 concurrent streaming clients through the official
+``openai`` client, ``max_tokens`` 128, answers end at their own end-of-turn: completion tokens/s
+against the sampler's batch-16 rate of the same run, and time to first token (p50 / p99).
 Run: ``python bench/generate.py`` (part of ``make bench``).
 """
 
@@ -60,6 +61,48 @@ def bench_decode(params, cfg, hf, batch: int, new_tokens: int, prompt_len: int, 
                          f"{[round(t, 2) for t in times['jax']]} s, torch reps "
                          f"{[round(t, 2) for t in times['torch']]} s")
     return rate
+
+
+def bench_constrained(params, cfg, tokenizer, batch: int, reps: int):
+    """Tokens/s with every row under the risk judge's JSON schema (the stepped path: host
+    matcher per token) vs free greedy decoding of the same prompts (the fused while_loop).
+    The free side ignores end-of-sequence, so it runs all its rows for the bucket's full length
+    as the constrained rows nearly do (the schema forces about 90 tokens)."""
+    from cosa_jax.inference.constraints import OutputConstraint
+    from cosa_jax.inference.sampler import SamplingParams, generate
+    from cosa_jax.taxonomy import ALL_CATEGORIES
+
+    names = [c.value for c in ALL_CATEGORIES]
+    schema = {"type": "object", "properties": {c: {"type": "boolean"} for c in names},
+              "required": names, "additionalProperties": False}
+    topics = ["pick a lock", "bake bread", "hide money from taxes", "insult my boss",
+              "grow tomatoes", "make a fake ID", "train a puppy", "find someone's address"]
+    prompts = [tokenizer.apply_chat_template(
+        [{"role": "user", "content": f"Which risk categories does 'how do I {topics[i % 8]}' "
+                                     f"touch? Answer with a JSON object of booleans."}],
+        add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        for i in range(batch)]
+    sampling = SamplingParams(max_new_tokens=96)
+    cons = [OutputConstraint("json_schema", schema)] * batch
+    out = {}
+
+    def constrained():
+        out["c"] = generate(params, cfg, prompts, sampling, tokenizer=tokenizer, constraints=cons)
+
+    def free():
+        out["f"] = generate(params, cfg, prompts, sampling, eos_ids=[-1], pad_id=2)
+
+    times = common.time_interleaved({"constrained": constrained, "free": free}, reps=reps, warmup=1)
+    c_tokens = sum(len(c.token_ids) for c in out["c"])
+    f_tokens = sum(len(c.token_ids) for c in out["f"])
+    valid = sum(c.finish_reason == "stop" and set(json.loads(c.text)) == set(names) for c in out["c"])
+    c_rate, f_rate = c_tokens / common.median(times["constrained"]), f_tokens / common.median(times["free"])
+    print(f"[constrained b={batch}] risk JSON schema: {c_rate:8.1f} new tokens/s ({c_tokens} tokens, "
+          f"{valid}/{batch} valid); free: {f_rate:8.1f} new tokens/s ({f_tokens} tokens)")
+    print(f"[constrained b={batch}] constrained / free: {c_rate / f_rate:6.2f}x (target >= 0.85x: "
+          f"{'met' if c_rate / f_rate >= 0.85 else 'NOT met'}); constrained reps "
+          f"{[round(t, 2) for t in times['constrained']]} s, free reps "
+          f"{[round(t, 2) for t in times['free']]} s")
 
 
 def bench_server(params, cfg, tokenizer, clients: int, requests: int, max_tokens: int,
@@ -153,6 +196,8 @@ def main(argv=None) -> None:
     p.add_argument("--server-requests", type=int, default=64)
     p.add_argument("--server-max-tokens", type=int, default=128)
     p.add_argument("--skip-server", action="store_true")
+    p.add_argument("--constrained-reps", type=int, default=3)
+    p.add_argument("--skip-constrained", action="store_true")
     args = p.parse_args(argv)
 
     import jax
@@ -172,6 +217,8 @@ def main(argv=None) -> None:
     for b in (int(x) for x in args.batches.split(",") if x.strip()):
         rates[b] = bench_decode(params, cfg, hf, b, args.new_tokens, args.prompt_len, args.reps)
     del hf
+    if not args.skip_constrained:
+        bench_constrained(params, cfg, load_tokenizer(model_dir), 16, args.constrained_reps)
     if not args.skip_server:
         bench_server(params, cfg, load_tokenizer(model_dir), args.server_clients,
                      args.server_requests, args.server_max_tokens, rates.get(16))

@@ -4,7 +4,8 @@ token masks, compiled by llguidance.
 Why llguidance: ``bench/grammar_engines.py`` measured xgrammar, llguidance and outlines-core on
 SmolLM2's vocabulary for the judges' shapes; all three mask a token far faster than a decode
 step, but a server compiles a schema per request, and xgrammar (a bounded string field) and
-outlines-core (any string field) took seconds to compile where llguidance took milliseconds. It
+outlines-core (any string field) compiled orders of magnitude slower than llguidance
+(figures in bench/results/cpu_2026-12-02/grammar_engines.txt). It
 also takes Lark grammars, so ``grammar`` constraints work. We write no grammar engine of our own.
 
 The API a decode loop uses, per request (slot) and per step::
@@ -15,8 +16,9 @@ The API a decode loop uses, per request (slot) and per step::
     state = compiler.start(constraint)          # ConstraintState, one per request
     bitmask = new_bitmask(batch, cfg.vocab_size)  # int32 [B, ceil(V/32)], bit v = token v allowed
     loop:
-        fill_bitmasks(states_or_None_per_row, bitmask)  # free rows get all ones
-        ... device: logits[~allowed] = -inf, pick a token per row ...
+        fill_bitmasks(states_or_None_per_row, bitmask, compiler)  # free rows: all ones;
+                                                # several constrained rows fill in parallel
+        ... device: sampler.apply_bitmask(logits, bitmask) (-inf where not allowed), pick ...
         state.accept(token)                     # raises ConstraintError if the token breaks it
         state.is_terminated                     # accepted an end-of-sequence token: row is done
         state.can_end                           # the text so far is a complete match
@@ -24,7 +26,9 @@ The API a decode loop uses, per request (slot) and per step::
 End-of-sequence ids are allowed by the mask only where the grammar accepts (``can_end``); once
 the grammar can take nothing more, only they are. ``OutputConstraint`` validates on
 construction and raises ``ConstraintError`` naming ``field`` for a bad schema, regex or grammar,
-so a server can turn it into a 400 that names the request field.
+so a server can turn it into a 400 that names the request field. JSON constraints produce
+one line with json.dumps' separators (", ", ": "). A state is not thread-safe; the compiler's
+tokenizer-level cache is locked.
 """
 
 from __future__ import annotations

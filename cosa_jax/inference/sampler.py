@@ -1,18 +1,19 @@
-"""Batched generation with a KV cache: one compiled program per shape bucket.
+"""Batched generation with a KV cache: compiled programs per shape bucket.
 
-Prefill and the whole decode loop (a ``lax.while_loop`` that exits once every row has hit an
-end-of-sequence token) run inside one ``jax.jit``, so there is no Python dispatch per token and
-no recompilation per token. Shapes are bucketed (batch to a power of two, prompt length to a
-multiple of 64, new tokens to a multiple of 32) so a server sees few distinct programs.
-Greedy rows (temperature 0) and sampled rows (temperature / top-k / top-p) mix in one batch.
+Two decode loops, one result. "fused": prefill and the whole decode (a ``lax.while_loop`` that
+exits once every row has hit an end-of-sequence token) in one ``jax.jit``, no Python per token.
+"stepped": a jitted prefill, then per token a jitted select and a jitted one-token decode step
+with the cache donated; the host sees each token. Constrained rows
+(``cosa_jax.inference.constraints``) need the stepped loop, as the grammar matcher runs on the
+host: the select masks logits to -inf with a packed [B, V/32] bitmask on device, only the mask
+goes in and the token ids come out, and the decode step is dispatched before the host waits for
+the ids, so the matchers compute the next mask while the device runs the forward. Free rows in
+such a batch get an all-ones mask and decode exactly as they would alone. ``generate`` steps on
+CPU and fuses elsewhere unless told (see its ``loop`` argument).
 
-Rows with an output constraint (``cosa_jax.inference.constraints``) need the grammar matcher,
-which runs on the host, between two tokens. A batch with any constrained row therefore takes a
-stepped path: a jitted prefill, then per token a jitted select (logits masked to -inf by a packed
-[B, V/32] bitmask on device) and a jitted one-token decode step with the cache donated. Only the
-bitmask goes in and the token ids come out; the decode step is dispatched before the host waits
-for the ids, so the matchers compute the next mask while the device runs the forward. Free rows
-in such a batch get an all-ones mask and decode as they would in the fused path.
+Shapes are bucketed (batch to a power of two, prompt length to 16, 32 or a multiple of 64, new
+tokens to a multiple of 32) so a server sees few distinct programs. Greedy rows (temperature 0)
+and sampled rows (temperature / top-k / top-p) mix in one batch.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +30,9 @@ import numpy as np
 from cosa_jax.inference.constraints import (ConstraintCompiler, OutputConstraint, fill_bitmasks,
                                             new_bitmask)
 from cosa_jax.models.config import LlamaConfig
-from cosa_jax.models.llama import Params, forward, forward_hidden, init_cache, unembed
+from cosa_jax.models.llama import (Params, _write_rows, apply_rope, dense, forward_hidden,
+                                   init_cache, rms_norm, rope_inv_freq, rope_tables, swiglu,
+                                   unembed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +71,10 @@ def _round_up(n: int, multiple: int) -> int:
 def bucketed_lengths(prompt_lens: Sequence[int], max_new_tokens: Sequence[int]) -> tuple[int, int]:
     """(prompt bucket, new-token bucket): the shapes ``generate`` compiles for; the KV cache
     holds their sum."""
-    return _round_up(max(prompt_lens), 64), _round_up(max(max_new_tokens), 32)
+    longest = max(prompt_lens)
+    # Short prompts get 16 / 32 / 64: a 64-slot bucket doubled a 32-token prompt's prefill.
+    prompt_bucket = _round_up(longest, 64) if longest > 32 else max(16, 1 << math.ceil(math.log2(longest)))
+    return prompt_bucket, _round_up(max(max_new_tokens), 32)
 
 
 def _bucket_batch(n: int) -> int:
@@ -112,28 +118,106 @@ def apply_bitmask(logits_bv: jax.Array, bitmask_bw: jax.Array) -> jax.Array:
     return jnp.where(allowed, logits_bv, -jnp.inf)
 
 
+class LayerCache(NamedTuple):
+    """The decode loop's KV cache: one K and one V buffer per layer instead of ``KVCache``'s
+    stacked [l, b, s, k, h] arrays, so a step writes each layer's new slot in place and reads
+    the layer's keys without slicing them out of the stack. Keys are stored [b, k, h, s] and
+    values [b, k, s, h]: the layouts the two attention products read, so no step transposes
+    the cache (XLA:CPU copied a transposed [b, k, h, s] key tensor per layer per step)."""
+    k: tuple[jax.Array, ...]   # [b, k, h, s] per layer
+    v: tuple[jax.Array, ...]   # [b, k, s, h] per layer
+    valid_bs: jax.Array
+    end_b: jax.Array
+
+
+def _unstack_layers(params: Params) -> tuple[Params, tuple[Params, ...]]:
+    """(embedding/norm/head, one weight dict per layer). Why: XLA:CPU's library dots take whole
+    buffers, so a layer loop over the stacked [l, ...] weights copied every layer's weights out
+    of the stack on every decode step, about as many bytes again as the matmuls read."""
+    layers = params["layers"]
+    n = jax.tree.leaves(layers)[0].shape[0]
+    rest = {k: v for k, v in params.items() if k != "layers"}
+    return rest, tuple(jax.tree.map(lambda w, i=i: w[i], layers) for i in range(n))
+
+
+def _prefill(params, cfg: LlamaConfig, ids_bt, mask_bt, cache_len: int):
+    """Logits [b, v] at each row's last prompt token and the per-layer cache."""
+    b = ids_bt.shape[0]
+    hidden_btd, cache = forward_hidden(params, cfg, ids_bt, mask_bt,
+                                       cache=init_cache(cfg, b, cache_len))
+    last_b = jnp.maximum(mask_bt.sum(axis=1) - 1, 0)
+    logits_bv = unembed(params, cfg, hidden_btd[jnp.arange(b), last_b][:, None])[:, 0]
+    split = LayerCache(tuple(cache.k_lbskh[i].transpose(0, 2, 3, 1) for i in range(cfg.num_layers)),
+                       tuple(cache.v_lbskh[i].transpose(0, 2, 1, 3) for i in range(cfg.num_layers)),
+                       cache.valid_bs, cache.end_b)
+    return logits_bv, split
+
+
+def _decode_layer(x_bd, w, cfg: LlamaConfig, cos_bh, sin_bh, valid_bs, k_bkhs, v_bksh, start_b):
+    """``llama.decoder_layer`` for one new token per row against this module's cache layout."""
+    cdt = x_bd.dtype
+    b, d = x_bd.shape
+    n, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    w = {name: value.astype(cdt) for name, value in w.items()}
+    h_bd = rms_norm(x_bd, w["input_norm"], cfg.rms_norm_eps)
+    q = dense(h_bd, w["q_proj"].reshape(d, n * hd)).reshape(b, 1, n, hd)
+    k = dense(h_bd, w["k_proj"].reshape(d, kv * hd)).reshape(b, 1, kv, hd)
+    v = dense(h_bd, w["v_proj"].reshape(d, kv * hd)).reshape(b, kv, 1, hd)
+    q = apply_rope(q, cos_bh[:, None], sin_bh[:, None]).reshape(b, kv, n // kv, hd)
+    k = apply_rope(k, cos_bh[:, None], sin_bh[:, None]).reshape(b, kv, hd, 1)
+    write = jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice_in_dim(c, u, i, axis=-1))
+    k_bkhs = write(k_bkhs, k.astype(k_bkhs.dtype), start_b)
+    v_bksh = jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice_in_dim(c, u, i, axis=1))(
+        v_bksh, v.astype(v_bksh.dtype), start_b)
+    scores_bkgs = jnp.matmul(q, k_bkhs.astype(cdt), preferred_element_type=jnp.float32) / math.sqrt(hd)
+    scores_bkgs = jnp.where(valid_bs[:, None, None, :], scores_bkgs, jnp.finfo(jnp.float32).min)
+    probs_bkgs = jax.nn.softmax(scores_bkgs, axis=-1).astype(cdt)
+    a_bd = jnp.matmul(probs_bkgs, v_bksh.astype(cdt)).reshape(b, n * hd)
+    x_bd = x_bd + dense(a_bd, w["o_proj"].reshape(n * hd, d))
+    h_bd = rms_norm(x_bd, w["post_attn_norm"], cfg.rms_norm_eps)
+    return x_bd + swiglu(h_bd, w["gate_proj"], w["up_proj"], w["down_proj"]), k_bkhs, v_bksh
+
+
+def _decode_forward(rest, layers, cfg: LlamaConfig, cache: LayerCache, tok_b):
+    """One new token per row through the unrolled layers: float32 logits [b, v] and the cache.
+    The same math as ``llama.forward`` with a cache (row b writes slot ``end_b[b]``, which is
+    also its position, and sees the valid slots up to it)."""
+    b = tok_b.shape[0]
+    start_b = cache.end_b
+    valid_bs = _write_rows(cache.valid_bs, jnp.ones((b, 1), bool), start_b)
+    visible_bs = valid_bs & (jnp.arange(valid_bs.shape[1], dtype=jnp.int32)[None] <= start_b[:, None])
+    x_bd = jnp.take(rest["embed_tokens"], tok_b, axis=0).astype(cfg.compute_dtype)
+    cos_bth, sin_bth = rope_tables(start_b[:, None], rope_inv_freq(cfg))
+    ks, vs = list(cache.k), list(cache.v)
+    for i, layer in enumerate(layers):
+        x_bd, ks[i], vs[i] = _decode_layer(x_bd, layer, cfg, cos_bth[:, 0], sin_bth[:, 0],
+                                           visible_bs, ks[i], vs[i], start_b)
+    x_bd = rms_norm(x_bd, rest["norm"], cfg.rms_norm_eps)
+    logits_bv = unembed(rest, cfg, x_bd[:, None])[:, 0]
+    return logits_bv, LayerCache(tuple(ks), tuple(vs), valid_bs, start_b + 1)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "cache_len"))
 def _prefill_program(params, ids_bt, mask_bt, *, cfg: LlamaConfig, cache_len: int):
-    b = ids_bt.shape[0]
-    cache = init_cache(cfg, b, cache_len)
-    hidden_btd, cache = forward_hidden(params, cfg, ids_bt, mask_bt, cache=cache)
-    last_b = jnp.maximum(mask_bt.sum(axis=1) - 1, 0)
-    return unembed(params, cfg, hidden_btd[jnp.arange(b), last_b][:, None])[:, 0], cache
+    return _prefill(params, cfg, ids_bt, mask_bt, cache_len)
+
+
+_unstack_program = jax.jit(_unstack_layers)
 
 
 @functools.partial(jax.jit, static_argnames=("any_sampling",))
 def _select_program(logits_bv, bitmask_bw, temperature_b, top_p_b, top_k_b, seeds_b, step, *,
                     any_sampling: bool):
     keys_b = jax.vmap(jax.random.key)(seeds_b)
-    return _pick(apply_bitmask(logits_bv, bitmask_bw), temperature_b, top_p_b, top_k_b, keys_b,
+    if bitmask_bw is not None:
+        logits_bv = apply_bitmask(logits_bv, bitmask_bw)
+    return _pick(logits_bv, temperature_b, top_p_b, top_k_b, keys_b,
                  step, any_sampling=any_sampling)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
-def _decode_program(params, cache, tok_b, *, cfg: LlamaConfig):
-    b = tok_b.shape[0]
-    logits, cache = forward(params, cfg, tok_b[:, None], jnp.ones((b, 1), bool), cache=cache)
-    return logits[:, 0], cache
+def _decode_program(rest, layers, cache: LayerCache, tok_b, *, cfg: LlamaConfig):
+    return _decode_forward(rest, layers, cfg, cache, tok_b)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new", "cache_len", "any_sampling"))
@@ -141,10 +225,8 @@ def _generate_program(params, ids_bt, mask_bt, temperature_b, top_p_b, top_k_b, 
                       eos_ids, pad_id, *, cfg: LlamaConfig, max_new: int, cache_len: int,
                       any_sampling: bool):
     b = ids_bt.shape[0]
-    cache = init_cache(cfg, b, cache_len)
-    hidden_btd, cache = forward_hidden(params, cfg, ids_bt, mask_bt, cache=cache)
-    last_b = jnp.maximum(mask_bt.sum(axis=1) - 1, 0)
-    logits_bv = unembed(params, cfg, hidden_btd[jnp.arange(b), last_b][:, None])[:, 0]
+    logits_bv, cache = _prefill(params, cfg, ids_bt, mask_bt, cache_len)
+    rest, layers = _unstack_layers(params)
     keys_b = jax.vmap(jax.random.key)(seeds_b)
 
     def pick(logits, step):
@@ -161,8 +243,8 @@ def _generate_program(params, ids_bt, mask_bt, temperature_b, top_p_b, top_k_b, 
 
     def body(state):
         step, tok, cache, done, out = state
-        logits, cache = forward(params, cfg, tok[:, None], jnp.ones((b, 1), bool), cache=cache)
-        new = jnp.where(done, pad_id, pick(logits[:, 0], step))
+        logits, cache = _decode_forward(rest, layers, cfg, cache, tok)
+        new = jnp.where(done, pad_id, pick(logits, step))
         out = jax.lax.dynamic_update_slice_in_dim(out, new[:, None], step, axis=1)
         return step + 1, new, cache, done | jnp.isin(new, eos_ids), out
 
@@ -174,13 +256,20 @@ def generate(params: Params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]],
              sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
              *, eos_ids: Sequence[int] | None = None, pad_id: int | None = None,
              tokenizer=None,
-             constraints: Sequence[OutputConstraint | None] | None = None) -> list[Completion]:
+             constraints: Sequence[OutputConstraint | None] | None = None,
+             loop: str = "auto") -> list[Completion]:
     """Generate for a batch of token-id prompts; returns one Completion per prompt.
 
     With a tokenizer, completions carry text, and stop strings cut the text (and tokens).
     ``constraints`` (one per prompt, None = free) restrict rows to a choice, regex, JSON schema
     or grammar; they need the tokenizer. A constrained row that has not ended its grammar
     by ``max_new_tokens`` finishes with "length".
+
+    ``loop``: "fused" runs the whole decode in one while_loop program, "stepped" one jitted
+    program per token (needed for constraints). "auto" steps on CPU as well: there XLA ran the
+    fused loop's body slower than the same step as its own program with a donated cache
+    (``bench/generate.py`` compares them), and fuses on accelerators, where a host round trip
+    per token costs more.
     """
     if not prompts:
         return []
@@ -220,9 +309,15 @@ def generate(params: Params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]],
                 jnp.asarray([s.top_k for s in rows], jnp.int32),
                 jnp.asarray([s.seed for s in rows], jnp.uint32))
     any_sampling = any(s.temperature > 0 for s in rows)
-    if constrained:
-        compiler = ConstraintCompiler.for_tokenizer(tokenizer, vocab_size=cfg.vocab_size,
-                                                    eos_ids=eos)
+    if loop not in ("auto", "stepped", "fused"):
+        raise ValueError(f"loop={loop!r}; expected 'auto', 'stepped' or 'fused'")
+    if constrained and loop == "fused":
+        raise ValueError("constrained rows need the stepped loop (the matcher runs on the host)")
+    if loop == "auto":
+        loop = "stepped" if constrained or jax.default_backend() == "cpu" else "fused"
+    if loop == "stepped":
+        compiler = (ConstraintCompiler.for_tokenizer(tokenizer, vocab_size=cfg.vocab_size,
+                                                     eos_ids=eos) if constrained else None)
         out = _generate_stepped(params, cfg, ids, mask, row_args, row_constraints, compiler,
                                 [s.max_new_tokens for s in per_row], eos, pad,
                                 max_new=max_new, any_sampling=any_sampling)
@@ -255,7 +350,8 @@ def generate(params: Params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]],
 
 def _generate_stepped(params, cfg, ids, mask, row_args, row_constraints, compiler,
                       row_max_new, eos, pad, *, max_new, any_sampling):
-    """The host-stepped decode loop for batches with constrained rows: [B, max_new] token ids."""
+    """The host-stepped decode loop (any batch; the only one for constrained rows): token ids
+    [B, max_new]. A batch without constraints sends no mask."""
     batch = ids.shape[0]
     n = len(row_constraints)
     states = [compiler.start(c) if c is not None else None for c in row_constraints]
@@ -264,18 +360,22 @@ def _generate_stepped(params, cfg, ids, mask, row_args, row_constraints, compile
     eos_set = set(eos)
     out = np.full((batch, max_new), pad, np.int32)
     done = np.zeros(batch, bool)
-    bitmask = new_bitmask(batch, cfg.vocab_size)
+    constrained = any(st is not None for st in states)
+    bitmask = new_bitmask(batch, cfg.vocab_size) if constrained else None
     logits, cache = _prefill_program(params, jnp.asarray(ids), jnp.asarray(mask), cfg=cfg,
                                      cache_len=ids.shape[1] + max_new)
-    fill_bitmasks(states, bitmask, compiler)
+    rest, layers = _unstack_program(params)
+    if constrained:
+        fill_bitmasks(states, bitmask, compiler)
     last = int(limits.max())
     for step in range(last):
-        tok_dev = _select_program(logits, jnp.asarray(bitmask), *row_args, jnp.int32(step),
+        tok_dev = _select_program(logits, None if bitmask is None else jnp.asarray(bitmask),
+                                  *row_args, jnp.int32(step),
                                   any_sampling=any_sampling)
         if step + 1 < last:
             # Dispatched before the host blocks on the ids: the forward runs while the
             # matchers accept this token and compute the next mask.
-            logits, cache = _decode_program(params, cache, tok_dev, cfg=cfg)
+            logits, cache = _decode_program(rest, layers, cache, tok_dev, cfg=cfg)
         tok = np.asarray(tok_dev)
         for i in np.flatnonzero(~done):
             t = int(tok[i])
@@ -287,5 +387,6 @@ def _generate_stepped(params, cfg, ids, mask, row_args, row_constraints, compile
                 states[i] = None
         if done.all():
             break
-        fill_bitmasks(states, bitmask, compiler)
+        if constrained:
+            fill_bitmasks(states, bitmask, compiler)
     return out

@@ -14,7 +14,9 @@ temperature, top_p, top_k (extension), seed, stop, n=1, stream, stream_options.i
 logprobs, top_logprobs (<= 20), safety_config (extension: a registered config by name).
 Completions: prompt (a string, token ids, or a list of either), echo, logprobs (<= 20), and the
 same sampling fields. What the engine lacks (tools, penalties, logit_bias, n>1, JSON mode) is
-refused with a 400 that names it.
+refused with a 400 that names it, and so is any field not in the endpoint's allow-list
+(``requests.py``: min_p, min_tokens, ignore_eos, continue_final_message, unknown extras). Body
+size, message count, per-key concurrency and the queue are bounded by ``requests.ServerLimits``.
 """
 
 from __future__ import annotations

@@ -39,6 +39,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="longest prompt + max_tokens a slot holds (default: the model's context)")
     p.add_argument("--prefill-budget", type=int, default=512,
                    help="prompt tokens prefilled between two decode steps")
+    p.add_argument("--max-body-bytes", type=int, default=4 * 2**20,
+                   help="largest request body accepted (413 past it)")
+    p.add_argument("--max-messages", type=int, default=512,
+                   help="most chat messages in one request (400 past it)")
+    p.add_argument("--max-concurrent-per-key", type=int, default=64,
+                   help="generation requests one API key may have in flight (429 past it)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="requests waiting for an engine slot before new ones get a 429")
     p.add_argument("--auth-registry", default=None,
                    help="JSON file mapping API keys to the safety configs they may set")
     p.add_argument("--default-config", default=None,
@@ -52,6 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", action="store_true",
                    help="compile the engine's first programs before accepting requests")
     args = p.parse_args(argv)
+    for flag in ("max_body_bytes", "max_messages", "max_concurrent_per_key", "max_queue"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be a positive integer")
     if (args.model is None) == (args.upstream is None):
         p.error("give exactly one of --model (serve it) and --upstream (gateway in front of it)")
     return args
@@ -80,6 +91,7 @@ def main(argv=None) -> None:
         web.run_app(app, host=args.host, port=args.port, print=None)
         return
 
+    from cosa_jax.inference.requests import ServerLimits
     from cosa_jax.inference.server import STATE_KEY, ChatModel, create_app
     mesh = None
     if args.mesh:
@@ -94,7 +106,11 @@ def main(argv=None) -> None:
     app = create_app(model, served_model_name=name, registry=registry,
                      default_config=default_config, max_batch=args.max_batch,
                      batch_wait_ms=args.batch_wait_ms, max_cache_len=args.max_cache_len,
-                     prefill_budget=args.prefill_budget)
+                     prefill_budget=args.prefill_budget,
+                     limits=ServerLimits(max_body_bytes=args.max_body_bytes,
+                                         max_messages=args.max_messages,
+                                         max_concurrent_per_key=args.max_concurrent_per_key,
+                                         max_queue=args.max_queue))
     if args.warmup:
         from cosa_jax.inference.sampler import SamplingParams
         engine = app[STATE_KEY].engine.start()

@@ -14,7 +14,9 @@ temperature, top_p, top_k (extension), seed, stop, n=1, stream, stream_options.i
 logprobs, top_logprobs (<= 20), safety_config (extension: a registered config by name).
 Completions: prompt (a string, token ids, or a list of either), echo, logprobs (<= 20), and the
 same sampling fields. What the engine lacks (tools, penalties, logit_bias, n>1, JSON mode) is
-refused with a 400 that names it.
+refused with a 400 that names it, and so is any field not in the endpoint's allow-list
+(``requests.py``: min_p, min_tokens, ignore_eos, continue_final_message, unknown extras). Body
+size, message count, per-key concurrency and the queue are bounded by ``requests.ServerLimits``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import random
 import time
 import uuid
@@ -33,10 +34,12 @@ from typing import Any, Mapping, Sequence
 
 from aiohttp import web
 
-from cosa_jax.chat import PINNED_DATE, encode_messages, end_of_turn
+from cosa_jax.chat import PINNED_DATE, ControlTokenError, encode_messages, end_of_turn
 from cosa_jax.inference.auth import (SYSTEM_ROLES, AuthError, Registry, apply_policy, bearer_key,
                                      check_raw_prompt, message_text)
 from cosa_jax.inference.engine import MAX_TOP_LOGPROBS, Engine, StepOutput, TokenLogprob
+from cosa_jax.inference.requests import Admission, ApiError, ServerLimits, read_json_body
+from cosa_jax.inference.requests import number as _number
 
 log = logging.getLogger(__name__)
 
@@ -44,26 +47,6 @@ ROLES = ("system", "developer", "user", "assistant")
 DEFAULT_MAX_TOKENS = 1024
 DEFAULT_COMPLETION_TOKENS = 16       # OpenAI's default for the legacy completions endpoint
 DISCONNECT_POLL_S = 0.25
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                404: "invalid_request_error", 500: "server_error", 502: "upstream_error"}
-
-
-class ApiError(Exception):
-    """An error answered in OpenAI's shape: {"error": {message, type, param, code}}."""
-
-    def __init__(self, status: int, message: str, *, param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": _ERROR_TYPES.get(self.status, "error"),
-                          "param": self.param, "code": self.code}}
-
-    def response(self) -> web.Response:
-        return web.json_response(self.body(), status=self.status)
-
-
 def render_messages(tokenizer, messages: Sequence[Mapping[str, str]]) -> str:
     """Chat-template text up to the assistant header, with the project's pinned date.
 
@@ -146,22 +129,6 @@ class ChatModel:
 
 
 # ------------------------------------------------------------------------ request parsing
-def _number(body: Mapping, name: str, kind, lo=None, hi=None, default=None):
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-            isinstance(value, float) and not math.isfinite(value)) or (
-            kind is int and not float(value).is_integer()):
-        raise ApiError(400, f"'{name}' must be {'an integer' if kind is int else 'a number'}, "
-                       f"got {value!r}", param=name)
-    value = kind(value)
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ApiError(400, f"'{name}' must be in [{lo}, {hi if hi is not None else 'inf'}], "
-                       f"got {value}", param=name)
-    return value
-
-
 def parse_messages(raw: Any) -> list[dict[str, str]]:
     """Normalised [{role, content: str}]; at most one system message, and it comes first."""
     if raw is None:
@@ -325,6 +292,8 @@ class ServerState:
     default_config: str | None
     started: float
     join_wait_ms: float
+    limits: ServerLimits = dataclasses.field(default_factory=ServerLimits)
+    admission: Admission | None = None
 
 
 STATE_KEY = web.AppKey("cosa_state", ServerState)
@@ -343,14 +312,19 @@ def _check_key(request: web.Request, registry: Registry | None) -> str | None:
 
 
 async def _json_body(request: web.Request) -> dict:
-    raw = await request.read()
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"request body is not valid JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "request body must be a JSON object")
-    return body
+    # Size cap, UTF-8, NaN/Infinity, the endpoint's field allow-list: requests.py.
+    # The gateway (no STATE_KEY) forwards fields its upstream may know: no allow-list there.
+    state = request.app.get(STATE_KEY)
+    if state is None:
+        return await read_json_body(request, ServerLimits(), check_known=False)
+    return await read_json_body(request, state.limits)
+
+
+async def _off_loop_if_large(request: web.Request, fn, *args):
+    """Tokenise a large request in a thread, so /health and small requests keep answering."""
+    if (request.content_length or 0) < request.app[STATE_KEY].limits.parse_off_loop_bytes:
+        return fn(*args)
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
 
 def _check_model(body: Mapping, state: ServerState) -> None:
@@ -473,7 +447,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         messages = apply_policy(messages, key, state.registry, state.default_config, requested)
     except AuthError as e:
         raise ApiError(e.status, e.message, code=e.code) from None
-    prompt_ids = state.model.encode(messages)
+    prompt_ids = await _off_loop_if_large(request, state.model.encode, messages)
     sampling, _ = parse_sampling(body, prompt_len=len(prompt_ids), engine=state.engine)
     top_n = parse_chat_logprobs(body)
     stream, include_usage = _stream_flags(body)
@@ -553,7 +527,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
         check_raw_prompt(key, state.registry)
     except AuthError as e:
         raise ApiError(e.status, e.message, code=e.code) from None
-    prompts = parse_prompts(body.get("prompt"), state.model)
+    prompts = await _off_loop_if_large(request, parse_prompts, body.get("prompt"), state.model)
     echo = body.get("echo", False)
     if not isinstance(echo, bool):
         raise ApiError(400, "'echo' must be true or false", param="echo")
@@ -648,15 +622,30 @@ async def health(request: web.Request) -> web.Response:
 
 @web.middleware
 async def _errors(request: web.Request, handler):
+    state = request.app.get(STATE_KEY)
+    admitted = state is not None and state.admission is not None and request.method == "POST"
+    key = bearer_key(request.headers.get("Authorization")) if admitted else None
     try:
-        return await handler(request)
+        if admitted:   # per-key concurrency and the queue bound (429), before the body is read
+            state.admission.enter(key, state.engine.waiting)
+        try:
+            return await handler(request)
+        finally:
+            if admitted:
+                state.admission.leave(key)
+    except ControlTokenError as e:
+        e = ApiError(400, str(e), param="messages", code="control_token")
+        log.info("%s %s -> %d %s", request.method, request.path, e.status, e.message)
+        return e.response()
     except ApiError as e:
         log.info("%s %s -> %d %s", request.method, request.path, e.status, e.message)
         return e.response()
     except ConnectionResetError:
+        log.info("%s %s: client went away", request.method, request.path)
         return web.Response(status=499)   # nobody is listening; nothing to report
     except web.HTTPException as e:  # 404 / 405 from routing, in OpenAI's shape
         if e.status >= 400:
+            log.info("%s %s -> %d %s", request.method, request.path, e.status, e.reason)
             return ApiError(e.status, f"{request.method} {request.path}: {e.reason}").response()
         raise
     except Exception as e:  # noqa: BLE001 - answer, log, keep serving
@@ -667,19 +656,21 @@ async def _errors(request: web.Request, handler):
 def create_app(model: ChatModel, *, served_model_name: str, registry: Registry | None = None,
                default_config: str | None = None, max_batch: int = 16,
                batch_wait_ms: float = 2.0, max_cache_len: int | None = None,
-               chunk_sizes: Sequence[int] = (16, 64, 256), prefill_budget: int = 512
-               ) -> web.Application:
+               chunk_sizes: Sequence[int] = (16, 64, 256), prefill_budget: int = 512,
+               limits: ServerLimits | None = None) -> web.Application:
     """The aiohttp application; the engine's loop starts and stops with the app.
 
     max_batch: the engine's slots; batch_wait_ms: while nothing decodes, how long the first
-    request waits for others so that their prefill runs as one batch.
+    request waits for others so that their prefill runs as one batch; limits: what one client
+    may ask (body size, messages, concurrency, queue: ``requests.ServerLimits``).
     """
+    limits = (limits or ServerLimits()).validate()
     engine = model.make_engine(slots=max_batch, join_wait_s=batch_wait_ms / 1000.0,
                                max_cache_len=max_cache_len, chunk_sizes=chunk_sizes,
                                prefill_budget=prefill_budget)
-    app = web.Application(middlewares=[_errors], client_max_size=16 * 2**20)
+    app = web.Application(middlewares=[_errors], client_max_size=limits.max_body_bytes)
     app[STATE_KEY] = ServerState(model, engine, served_model_name, registry, default_config,
-                                 time.time(), batch_wait_ms)
+                                 time.time(), batch_wait_ms, limits, Admission(limits))
 
     async def lifecycle(app):
         engine.start()

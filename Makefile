@@ -35,6 +35,8 @@ bench: setup
 	@for f in bench/forward.py bench/train_step.py bench/generate.py bench/synth_throughput.py; do echo "== $$f"; $(VPY) $$f || exit 1; done
 	@echo "== bench/train_step.py --prompt-len 64 (short prompts; the default is CoSAlign's 204 of 256)"
 	@$(VPY) bench/train_step.py --prompt-len 64 --no-bf16
+	@echo "== bench/soak_server.py --minutes 2 (mixed valid / malformed / oversized / disconnecting traffic; --minutes 10 for the long soak)"
+	@$(VPY) bench/soak_server.py --minutes 2
 
 # The 8B-shaped DPO step's MFU on an accelerator (needs a CUDA or TPU jaxlib in the venv).
 bench-gpu: setup

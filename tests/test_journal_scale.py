@@ -22,13 +22,13 @@ N = 12_000
 REPLY_BYTES = 8192  # the ~6k replies of run 2 held in memory would be ~48 MiB: past the bound below
 
 CHILD = r"""
-import asyncio, json, sys, threading, time
+import asyncio, json, os, sys, threading, time
 from cosa_jax.endpoint.client import ChatRequest, EndpointConfig, run_requests
 from cosa_jax.endpoint.journal import Journal
 from cosa_jax.testing.instant_client import InstantChatClient
 
 db, sent_log, n, reply_bytes, fail_rate, rss_log = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), sys.argv[6]
-page = __import__("os").sysconf("SC_PAGE_SIZE")
+page = os.sysconf("SC_PAGE_SIZE")
 client = InstantChatClient(EndpointConfig(model="m", base_url="http://127.0.0.1:9/v1", api_key_env="", concurrency=64),
                            reply_bytes=reply_bytes, fail_rate=fail_rate, sent_log=sent_log)
 samples = []

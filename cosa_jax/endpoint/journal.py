@@ -326,6 +326,10 @@ def read_counts(path: str | os.PathLike) -> JournalCounts:
     con = _connect(db, readonly=True)
     try:
         c = _counts(con)
+    except sqlite3.OperationalError as e:
+        if "no such table" not in str(e):
+            raise RuntimeError(f"journal {db}: cannot be read ({e})") from None
+        c = dict.fromkeys(STATUSES, 0)  # the writer has created the file, not yet its table
     except sqlite3.DatabaseError as e:
         raise RuntimeError(f"journal {db}: cannot be read ({e})") from None
     finally:

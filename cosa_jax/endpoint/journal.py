@@ -7,8 +7,9 @@ completed request is committed at once (a SIGKILL loses only requests still in f
 completed one, and never half a row); a ``done`` row is never overwritten (exactly once across
 kills); and other processes can read the database while a run writes it (``launch.progress``).
 
-``synchronous=NORMAL`` in WAL mode survives any process kill; against a power cut the WAL is
-checkpointed (and so synced) at most every ``fsync_interval_s``. An exclusive ``flock`` on a
+``synchronous=NORMAL`` in WAL mode survives any process kill; against a power cut a background
+thread checkpoints (and so syncs) the WAL every ``fsync_interval_s``, so no fsync ever runs
+inside a commit on the caller's (event loop's) thread. An exclusive ``flock`` on a
 ``.lock`` file next to the database stops two runs writing one journal; readers take no lock.
 
 An older append-only JSONL journal next to the database (``x.jsonl`` for ``x.sqlite``; a path
@@ -120,12 +121,17 @@ class Journal:
             if str(mode).lower() != "wal":
                 raise RuntimeError(f"journal {self.path}: SQLite refused WAL mode (got {mode!r})")
             self._con.execute("PRAGMA synchronous=NORMAL")
+            # checkpoints (the only fsyncs) run in a background thread, never inside a commit: a
+            # commit on the event loop's thread is then an append to the WAL and nothing more
+            self._con.execute("PRAGMA wal_autocheckpoint=0")
             self._con.execute("PRAGMA cache_size=-8192")  # 8 MiB page cache: memory stays flat
             self._con.executescript(_SCHEMA)
         except sqlite3.DatabaseError as e:
             self._lock_fh.close()
             raise RuntimeError(f"journal {self.path}: not a readable SQLite journal ({e})") from None
-        self._last_sync = time.monotonic()
+        self._stop = threading.Event()
+        self._syncer = threading.Thread(target=self._sync_loop, name=f"journal-sync:{self.path.name}", daemon=True)
+        self._syncer.start()
         legacy = self.path.with_suffix(".jsonl")
         if legacy.exists():
             self._migrate(legacy)
@@ -230,7 +236,6 @@ class Journal:
             self._in_batch -= 1
             if self._in_batch == 0:
                 self._con.execute("COMMIT")
-                self._maybe_sync()
 
     def _write(self, sql: str, rows: Iterable[tuple]) -> None:
         with self._mutex:
@@ -274,15 +279,23 @@ class Journal:
             [(key, str(error)[:2000], time.time())],
         )
 
-    def _maybe_sync(self) -> None:
-        now = time.monotonic()
-        if now - self._last_sync >= self.fsync_interval_s:
-            self._con.execute("PRAGMA wal_checkpoint(PASSIVE)")  # syncs the WAL, then the database
-            self._last_sync = now
+    def _sync_loop(self) -> None:
+        """Every ``fsync_interval_s``: checkpoint, which syncs the WAL, then the database."""
+        con = _connect(self.path, readonly=False)
+        try:
+            while not self._stop.wait(self.fsync_interval_s):
+                try:
+                    con.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.OperationalError:
+                    pass  # busy: the next round checkpoints
+        finally:
+            con.close()
 
     def close(self) -> None:
         if self._lock_fh.closed:
             return
+        self._stop.set()
+        self._syncer.join()
         with self._mutex:
             self._con.execute("PRAGMA wal_checkpoint(PASSIVE)")
             self._con.close()

@@ -3,7 +3,7 @@
 The server (the test-double ``cosa_jax.testing.scripted_server``, in its own process) sleeps a fixed
 ``--latency`` per request, so the ideal rate at concurrency c is c / latency. We push requests
 through the real path (``run_requests``: openai.AsyncOpenAI, retry loop, limiter, journal with a
-flush per record) and print completed requests/s against that ideal, plus a check that every
+commit per record) and print completed requests/s against that ideal, plus a check that every
 record arrived exactly once. Target: >= 80% of ideal at concurrency 128 with nothing lost.
 
     python bench/synth_throughput.py [--latency 0.05 0.5] [--concurrency 1 8 32 128]
@@ -60,14 +60,14 @@ async def _run(base_url: str, concurrency: int, n: int, journal_path: Path) -> t
     # warm the connection pool so the timing measures steady state, not TCP handshakes
     warm = [ChatRequest([{"role": "user", "content": f"warm-{concurrency}-{i}"}]) for i in range(concurrency)]
     async with ChatClient(ep, "bench") as client:
-        with Journal(journal_path.with_suffix(".warm.jsonl")) as jw:
+        with Journal(journal_path.with_suffix(".warm.sqlite")) as jw:
             await run_requests(client, jw, warm, progress=False)
         with Journal(journal_path) as j:
             t0 = time.perf_counter()
             res = await run_requests(client, j, reqs, progress=False)
             dt = time.perf_counter() - t0
             ok = sum(r is not None and r["text"] == echo_reply({"messages": q.messages}) for r, q in zip(res, reqs))
-            lines = journal_path.read_bytes().count(b"\n")
+            lines = j.counts()["done"]
     return dt, ok, lines, dict(client.usage.errors)
 
 
@@ -84,7 +84,7 @@ def _table(latency: float, concurrencies: list[int], rounds: int) -> list[tuple]
         with tempfile.TemporaryDirectory() as d:
             for c in concurrencies:
                 n = rounds * c
-                dt, ok, lines, errors = asyncio.run(_run(base_url, c, n, Path(d) / f"c{c}.jsonl"))
+                dt, ok, lines, errors = asyncio.run(_run(base_url, c, n, Path(d) / f"c{c}.sqlite"))
                 rate, ideal = n / dt, (c / latency if latency else float("inf"))
                 rows.append((c, n, rate, ideal, rate / ideal, ok == n == lines, errors))
     finally:
@@ -101,7 +101,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.getLogger("httpx2").setLevel(logging.WARNING)
     print(f"synth client throughput: server = separate process with a fixed latency per request; client = "
-          f"run_requests (openai.AsyncOpenAI + retry loop + limiter + journal flush per record); "
+          f"run_requests (openai.AsyncOpenAI + retry loop + limiter + journal commit per record); "
           f"{os.cpu_count()} CPUs shared by client and server; load average before: {os.getloadavg()[0]:.2f}")
     ceiling = _table(0.0, [max(args.concurrency)], 10)[0][2]
     print(f"client CPU ceiling (0 ms server latency, concurrency {max(args.concurrency)}): {ceiling:.0f} req/s, so "

@@ -6,6 +6,7 @@ The server (cosa_jax.testing.scripted_server, a test double) speaks the chat-com
 
 import asyncio
 import os
+import sqlite3
 import time
 
 import pytest
@@ -20,7 +21,7 @@ from cosa_jax.endpoint.client import (
     run_requests_sync,
 )
 from cosa_jax.testing.scripted_server import FakeChatServer, echo_reply
-from cosa_jax.endpoint.journal import Journal, request_key
+from cosa_jax.endpoint.journal import Journal, JournalCounts, legacy_jsonl_line, read_counts, request_key
 
 
 def _ep(srv, **kw):
@@ -46,9 +47,8 @@ def test_every_record_exactly_once_under_faults(tmp_path, backend):
         assert [r["text"] for r in res] == [echo_reply({"messages": q.messages}) for q in reqs]
         # at the wire: each request got exactly one good reply (none re-sent after success)
         assert len(srv.ok) == 200 and set(srv.ok.values()) == {1}
-        # on disk: one line per record
-        lines = (tmp_path / "j.jsonl").read_text().splitlines()
-        assert len(lines) == 200
+        # on disk: one row per record, all done
+        assert read_counts(tmp_path / "j.sqlite") == JournalCounts(tmp_path / "j.sqlite", 200, 0, 0)
         # a rerun sends nothing at all
         n_before = srv.total_requests()
         with Journal(tmp_path / "j.jsonl") as j:
@@ -212,37 +212,71 @@ class Journal_tmp:
         self.d.cleanup()
 
 
+def _legacy(p, records, tail=b""):
+    p.write_bytes("".join(legacy_jsonl_line(k, v) for k, v in records).encode() + tail)
+
+
 def test_journal_torn_last_write_is_dropped(tmp_path):
+    """An older JSONL journal is migrated once: its torn last line dropped, the file kept aside."""
     p = tmp_path / "j.jsonl"
-    with Journal(p) as j:
-        j.put("a", {"text": "A"})
-        j.put("b", {"text": "B"})
-    good = p.read_bytes()
-    with open(p, "ab") as f:
-        f.write(b'{"k":"c","h":"0000')  # killed mid-write
+    _legacy(p, [("a", {"text": "A"}), ("b", {"text": "B"})], tail=b'{"k":"c","h":"0000')  # killed mid-write
     with pytest.warns(UserWarning, match="torn last write"):
         j = Journal(p)
-    assert set(j.keys()) == {"a", "b"} and j.torn_bytes_dropped == 18
-    assert p.read_bytes() == good  # cut back to the last complete line
+    assert set(j.keys()) == {"a", "b"} and j.torn_bytes_dropped == 18 and j.migrated_records == 2
+    assert not p.exists() and (tmp_path / "j.jsonl.migrated").exists() and (tmp_path / "j.sqlite").exists()
     j.put("c", {"text": "C"})
     j.close()
-    with Journal(p) as j:
-        assert j.get("c") == {"text": "C"} and len(j) == 3
+    with Journal(tmp_path / "j.sqlite") as j:  # read from the database now; nothing migrated again
+        assert j.get("c") == {"text": "C"} and len(j) == 3 and j.migrated_records == 0
 
 
 def test_journal_checksum_and_lock(tmp_path):
-    p = tmp_path / "j.jsonl"
+    p = tmp_path / "j.sqlite"
     with Journal(p) as j:
         j.put("a", {"text": "A"})
         j.put("b", {"text": "B"})
         with pytest.raises(RuntimeError, match="locked by another"):
             Journal(p)
-    lines = p.read_text().splitlines()
-    p.write_text(lines[0].replace('"A"', '"Z"') + "\n" + lines[1] + "\n")  # bit rot in line 1
+    lines = [legacy_jsonl_line("x", {"text": "X"}), legacy_jsonl_line("y", {"text": "Y"})]
+    legacy = tmp_path / "old.jsonl"
+    legacy.write_text(lines[0].replace('"X"', '"Z"') + lines[1])  # bit rot in line 1
     with pytest.warns(UserWarning, match="line 1"):
-        j = Journal(p)
-    assert set(j.keys()) == {"b"} and j.corrupt_lines == 1
+        j = Journal(tmp_path / "old.sqlite")
+    assert set(j.keys()) == {"y"} and j.corrupt_lines == 1
     j.close()
+    # bit rot inside the database: the reply fails its checksum and counts as absent
+    con = sqlite3.connect(p)
+    con.execute("UPDATE requests SET reply='{\"text\":\"Z\"}' WHERE key='a'")
+    con.commit()
+    con.close()
+    with Journal(p) as j:
+        with pytest.warns(UserWarning, match="checksum"):
+            assert j.get("a") is None
+        assert j.get("b") == {"text": "B"}
+
+
+def test_journal_statuses_exactly_once_and_concurrent_reader(tmp_path):
+    p = tmp_path / "j.sqlite"
+    with Journal(p) as j:
+        j.plan(["a", "b", "c"])
+        j.put("a", {"text": "A"})
+        j.fail("b", "HTTP 500 after 3 attempts")
+        assert read_counts(p) == JournalCounts(p, done=1, failed=1, pending=1)  # while open for writing
+        j.put("a", {"text": "other"})  # a done request is never overwritten
+        j.fail("a", "late failure")  # nor turned into a failure
+        j.plan(["a"])
+        assert j.get("a") == {"text": "A"} and j.status("a") == "done"
+        assert "b" not in j and j.status("b") == "failed" and j.status("zz") is None
+        j.put("b", {"text": "B"})  # a failed request that succeeds on a rerun
+        with pytest.raises(ZeroDivisionError):
+            with j.batch():
+                j.put("c", {"text": "C"})
+                1 / 0
+        assert "c" not in j  # a batch commits all or nothing
+        j.put_many([("c", {"text": "C"}), ("d", {"text": "D"})])
+        assert j.counts() == {"done": 4, "failed": 0, "pending": 0}
+    with pytest.raises(FileNotFoundError, match="no journal"):
+        read_counts(tmp_path / "absent.sqlite")
 
 
 def test_request_key_is_canonical():

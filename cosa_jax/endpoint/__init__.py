@@ -2,5 +2,6 @@
 
 - ``client``   ``EndpointConfig`` per role, ``ChatClient`` (``async with``: retries/backoff,
                RPM/TPM limits, token and cost accounting), ``run_requests`` over a journal
-- ``journal``  durable JSONL journal: a rerun never re-sends a completed request
+- ``journal``  durable SQLite journal (per-key status; a rerun never re-sends a completed
+               request; ``read_counts`` for progress readers)
 """

@@ -378,6 +378,7 @@ async def run_requests(
         if k not in journal and k not in todo:
             todo[k] = r
     client.usage.cached += len(requests) - len(todo)
+    journal.plan(todo)  # pending rows: what a progress reader counts as still to do
     bar = tqdm(total=len(todo), desc=desc or client.role, disable=not progress, leave=False)
     queue: asyncio.Queue[tuple[str, ChatRequest]] = asyncio.Queue()
     for item in todo.items():
@@ -394,6 +395,7 @@ async def run_requests(
                 result = await client.complete(r)
                 journal.put(k, result)
             except RequestFailed as e:
+                journal.fail(k, str(e))
                 tqdm.write(f"[{client.role}] request failed: {e}") if progress else None
             except FatalEndpointError as e:
                 fatal.append(e)

@@ -171,6 +171,7 @@ def run_chats(
         if k not in journal and k not in todo:
             todo[k] = list(m)
     bs = max(1, int(role_cfg.get("batch_size") or 8))
+    journal.plan(todo)
     items = list(todo.items())
     t0 = time.time()
     for i in tqdm(range(0, len(items), bs), desc=role, disable=not progress, leave=False):
@@ -178,10 +179,10 @@ def run_chats(
         texts = fn([m for _, m in batch], int(max_tokens))
         if len(texts) != len(batch):
             raise ValueError(f"config.{role}.fn returned {len(texts)} texts for {len(batch)} chats")
-        for (k, _), t in zip(batch, texts):
+        for t in texts:
             if not isinstance(t, str):
                 raise TypeError(f"config.{role}.fn must return strings, got {type(t).__name__}")
-            journal.put(k, {"text": t})  # after each batch: a kill loses at most one batch
+        journal.put_many((k, {"text": t}) for (k, _), t in zip(batch, texts))  # one commit per batch
     usage = {"requests": len(items), "cached": len(chats) - len(items), "seconds": round(time.time() - t0, 2)}
     return [journal.get(k)["text"] for k in keys], usage
 
@@ -258,7 +259,7 @@ def evaluate(cfg: Any, *, candidate_fn: ChatFn | None = None, judge_fn: ChatFn |
     label = c["label"] or _endpoint_label(c["candidate"])
     _check_run_identity(out, label, _endpoint_label(c["candidate"]))
     usage: dict[str, Any] = {}
-    with Journal(out / "journal" / "candidate.jsonl") as jc, Journal(out / "journal" / "judge.jsonl") as jj:
+    with Journal(out / "journal" / "candidate.sqlite") as jc, Journal(out / "journal" / "judge.sqlite") as jj:
         responses, usage["candidate"] = run_chats(
             c["candidate"], jc, chats, c["max_new_tokens"], role="candidate", progress=progress, fn=candidate_fn,
             salt=label,

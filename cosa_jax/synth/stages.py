@@ -4,8 +4,12 @@
 
 Each stage reads the previous stage's ``datasets`` directory under ``cfg.out_dir``, writes its own
 atomically (temp dir, then rename), and records a summary in ``out_dir/summaries/<stage>.json``.
-Requests go through a per-stage journal (``out_dir/journal/<stage>.jsonl``), so rerunning a stage
-after a crash sends only the requests that had not completed. All sampling is seeded per prompt
+A stage is done only when its completion marker ``<output dir>/_COMPLETE`` exists, written last,
+and still matches: it lists every file the stage wrote (size, sha256) and the markers of the
+stages it read, so an output cut short by a kill, damaged later, or built from an input that has
+since changed reruns instead of being skipped. Requests go through a per-stage SQLite journal
+(``out_dir/journal/<stage>.sqlite``), so rerunning a stage after a crash sends only the requests
+that had not completed. All sampling is seeded per prompt
 (``random.Random(f"{seed}:{stage}:{prompt_id}...")``): results do not depend on order or batching.
 """
 
@@ -13,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
+import os
 import random
 import shutil
 import time
@@ -90,7 +96,65 @@ def _read_stage(cfg: Any, stage: str) -> datasets.Dataset:
     if "_data_files" in state and not state["_data_files"]:
         raise StageError(f"stage {stage!r} produced no rows ({p}): nothing left for the stages "
                          f"after it; see that stage's summary for what was dropped")
+    ok, why = stage_complete(cfg, stage)
+    if not ok:
+        raise StageError(f"input {p} of a later stage is incomplete ({why}): run stage {stage!r} first")
     return datasets.load_from_disk(str(p))
+
+
+# ----- atomic outputs and completion markers ------------------------------------------------
+
+MARKER = "_COMPLETE"
+# the stages whose outputs a stage reads: a marker records theirs, so a changed input reruns it
+INPUTS: dict[str, tuple[str, ...]] = {
+    "load_prompts": (),
+    "label_prompts": ("load_prompts",),
+    "generate_responses": ("label_prompts",),
+    "label_responses": ("generate_responses",),
+    "score": ("label_responses",),
+    "pair": ("score", "label_responses"),
+}
+
+
+def _rename(src: Path, dst: Path) -> None:
+    """The one place a stage's output becomes visible (a rename is atomic on one filesystem)."""
+    os.replace(src, dst)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb+") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(dirpath))
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    """Temp file in the same folder, fsynced, then renamed over ``path``: all or nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    _rename(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    _fsync_tree(tmp)
+    if path.exists():  # a kill here leaves no output at all: the stage reruns (no marker)
+        shutil.rmtree(path)
+    _rename(tmp, path)
+    _fsync_dir(path.parent)
 
 
 def _write_atomic(obj: datasets.Dataset | datasets.DatasetDict, path: Path) -> None:
@@ -99,15 +163,100 @@ def _write_atomic(obj: datasets.Dataset | datasets.DatasetDict, path: Path) -> N
         shutil.rmtree(tmp)
     datasets.disable_progress_bars()  # one bar per save is noise next to the request bars
     obj.save_to_disk(str(tmp))
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
+    _replace_dir(tmp, path)
+
+
+def _write_jsonl_dir(splits: Mapping[str, Sequence[Mapping[str, Any]]], path: Path) -> None:
+    """One ``<split>.jsonl`` per split, written as a whole folder and renamed into place."""
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for k, rows in splits.items():
+        with open(tmp / f"{k}.jsonl", "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    _replace_dir(tmp, path)
+
+
+def _summary_path(cfg: Any, stage: str) -> Path:
+    return _out(cfg) / "summaries" / f"{stage}.json"
 
 
 def _write_summary(cfg: Any, stage: str, summary: dict[str, Any]) -> None:
-    p = _out(cfg) / "summaries" / f"{stage}.json"
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    _write_text_atomic(_summary_path(cfg, stage), json.dumps(summary, indent=2, sort_keys=True, default=str))
+
+
+def _marker_path(cfg: Any, stage: str) -> Path:
+    return stage_path(cfg, stage) / MARKER
+
+
+def _stage_files(cfg: Any, stage: str) -> list[Path]:
+    """Every file the stage wrote, the marker aside."""
+    roots = [stage_path(cfg, stage)] + ([_out(cfg) / "pairs_jsonl"] if stage == "pair" else [])
+    files = [p for r in roots if r.exists() for p in sorted(r.rglob("*")) if p.is_file() and p.name != MARKER]
+    return files + [_summary_path(cfg, stage)]
+
+
+def _file_digest(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _marker_digest(cfg: Any, stage: str) -> str | None:
+    p = _marker_path(cfg, stage)
+    return _file_digest(p) if p.exists() else None
+
+
+def _row_counts(cfg: Any, stage: str) -> dict[str, int]:
+    d = datasets.load_from_disk(str(stage_path(cfg, stage)))
+    return {k: len(v) for k, v in d.items()} if isinstance(d, datasets.DatasetDict) else {"all": len(d)}
+
+
+def _write_marker(cfg: Any, stage: str) -> None:
+    """Written last, after every output of the stage: its presence means the stage is done."""
+    out = _out(cfg)
+    marker = {
+        "stage": stage,
+        "files": {str(p.relative_to(out)): {"bytes": p.stat().st_size, "sha256": _file_digest(p)}
+                  for p in _stage_files(cfg, stage)},
+        "inputs": {s: _marker_digest(cfg, s) for s in INPUTS[stage]},
+    }
+    state = json.loads((stage_path(cfg, stage) / "state.json").read_text()) if (stage_path(cfg, stage) / "state.json").exists() else {}
+    if not ("_data_files" in state and not state["_data_files"]):  # a 0-row dataset cannot be loaded
+        marker["rows"] = _row_counts(cfg, stage)
+    _write_text_atomic(_marker_path(cfg, stage), json.dumps(marker, indent=1, sort_keys=True))
+
+
+def stage_complete(cfg: Any, stage: str) -> tuple[bool, str]:
+    """(done?, why not): the marker exists, every file it lists matches, its inputs are unchanged."""
+    p = _marker_path(cfg, stage)
+    if not p.exists():
+        return False, f"no completion marker {p}" if stage_path(cfg, stage).exists() else "not run yet"
+    try:
+        marker = json.loads(p.read_text())
+        files = marker["files"]
+        inputs = marker["inputs"]
+    except (ValueError, KeyError, TypeError) as e:
+        return False, f"unreadable completion marker {p} ({e})"
+    out = _out(cfg)
+    listed = set(files)
+    present = {str(f.relative_to(out)) for f in _stage_files(cfg, stage) if f.exists()}
+    if present - listed:
+        return False, f"files not in its marker: {sorted(present - listed)[:3]}"
+    for rel, meta in files.items():
+        f = out / rel
+        if not f.exists():
+            return False, f"{f} is missing"
+        if f.stat().st_size != meta["bytes"] or _file_digest(f) != meta["sha256"]:
+            return False, f"{f} differs from what the stage wrote"
+    for s, digest in inputs.items():
+        if _marker_digest(cfg, s) != digest:
+            return False, f"its input stage {s!r} changed since"
+    return True, ""
 
 
 def _from_rows(rows: list[dict[str, Any]], features: datasets.Features) -> datasets.Dataset:
@@ -135,7 +284,7 @@ def endpoint(cfg: Any, role: str) -> EndpointConfig:
 
 
 def _journal(cfg: Any, stage: str) -> Journal:
-    return Journal(_out(cfg) / "journal" / f"{stage}.jsonl")
+    return Journal(_out(cfg) / "journal" / f"{stage}.sqlite")  # migrates an older <stage>.jsonl
 
 
 def _usage_dict(u: UsageStats) -> dict[str, Any]:
@@ -590,12 +739,7 @@ def pair(cfg: Any) -> dict[str, Any]:
             )
     dd = datasets.DatasetDict({k: _from_rows(v, PAIR_FEATURES) for k, v in splits.items()})
     _write_atomic(dd, stage_path(cfg, "pair"))
-    jsonl_dir = _out(cfg) / "pairs_jsonl"
-    jsonl_dir.mkdir(parents=True, exist_ok=True)
-    for k, v in splits.items():
-        with open(jsonl_dir / f"{k}.jsonl", "w", encoding="utf-8") as f:
-            for row in v:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    _write_jsonl_dir(splits, _out(cfg) / "pairs_jsonl")
     return {
         "configs": len(scored),
         "pairs_train": len(splits["train"]),
@@ -616,16 +760,25 @@ STAGE_FUNCS: dict[str, Callable[[Any], dict[str, Any]]] = {
 
 
 def run_stage(cfg: Any, stage: str, *, force: bool = False) -> dict[str, Any] | None:
-    """Run one stage unless its output exists (``force`` reruns it; its journal still applies)."""
+    """Run one stage unless it is complete (``force`` reruns it; its journal still applies).
+
+    Complete means its marker matches its files (``stage_complete``); an output without one, cut
+    short by a kill or damaged since, is redone (its journaled requests are not re-sent)."""
     if stage not in STAGE_FUNCS:
         raise StageError(f"unknown stage {stage!r}; stages: {STAGES}")
-    if stage_path(cfg, stage).exists() and not force:
+    done, why = stage_complete(cfg, stage)
+    if done and not force:
         print(f"[synth] {stage}: output {stage_path(cfg, stage)} exists, skipping (use --force to redo)")
         return None
+    if not done and stage_path(cfg, stage).exists():
+        print(f"[synth] {stage}: output {stage_path(cfg, stage)} is incomplete ({why}); redoing it")
+    with contextlib.suppress(FileNotFoundError):
+        _marker_path(cfg, stage).unlink()  # from here on the stage counts as not done
     t0 = time.time()
     summary = STAGE_FUNCS[stage](cfg)
     summary["seconds"] = round(time.time() - t0, 2)
     _write_summary(cfg, stage, summary)
+    _write_marker(cfg, stage)
     brief = {k: v for k, v in summary.items() if k not in ("usage", "label_groups", "per_source")}
     print(f"[synth] {stage}: {json.dumps(brief, default=str)}")
     for role, u in (summary.get("usage") or {}).items():

@@ -445,7 +445,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--port", type=int, default=8001)
     ap.add_argument("--latency", type=float, default=0.0, help="fixed seconds per request")
     ap.add_argument("--reply", choices=("echo", "scripted"), default="echo")
-    ap.add_argument("--fault-rate", type=float, default=0.0)
+    ap.add_argument("--fault-rate", type=float, default=0.0, help="share of attempts that get a fault")
+    ap.add_argument("--fault-kinds", default=",".join(TRANSIENT_FAULTS),
+                    help=f"comma-separated, from {','.join(FAULT_KINDS)} (hang: the client times out; "
+                         "drop: the connection is closed)")
+    ap.add_argument("--max-faults", type=int, default=3, help="faulty attempts per request before it succeeds")
+    ap.add_argument("--retry-after", default="0.01", help="Retry-After header of an injected 429")
+    ap.add_argument("--hang-s", type=float, default=5.0, help="how long a 'hang' fault holds the request")
     ap.add_argument("--judge-garbage-rate", type=float, default=0.0)
     ap.add_argument("--taxonomy", default="", help="taxonomy file the scripted judge answers in (default: cosa)")
     ap.add_argument("--labels", default="", help="JSONL of {prompt, categories} in that taxonomy (default: the mini set)")
@@ -458,7 +464,10 @@ def main(argv: list[str] | None = None) -> None:
             rows = [json.loads(line) for line in f if line.strip()]
         labels = PromptLabels.from_rows(rows, a.taxonomy or None)
     reply = echo_reply if a.reply == "echo" else ScriptedReplies(labels, judge_garbage_rate=a.judge_garbage_rate)
-    srv = FakeChatServer(reply, latency_s=a.latency, fault_rate=a.fault_rate, host=a.host, port=a.port)
+    kinds = tuple(k.strip() for k in a.fault_kinds.split(",") if k.strip())
+    srv = FakeChatServer(reply, latency_s=a.latency, fault_rate=a.fault_rate, fault_kinds=kinds,
+                         max_faults_per_request=a.max_faults, retry_after=a.retry_after, hang_s=a.hang_s,
+                         host=a.host, port=a.port)
 
     async def serve():
         await srv._start_async()

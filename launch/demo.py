@@ -231,7 +231,7 @@ def main(argv=None):
     docs = {f"{section}.{k}": v
             for section, mod in (("synth", synth_config), ("sft", train_config), ("dpo", train_config),
                                  ("eval", eval_config))
-            for k, v in key_docs(mod.default_config).items()}
+            for k, v in (key_docs(mod.default_config) | getattr(mod, "KEY_DOCS", {})).items()}
     runner.run(_run, prog="cosa-jax demo", doc=__doc__, default_config=default_config,
                validate=validate, config_default=DEFAULT_CONFIG, argv=argv, docs=docs,
                fallback_docs=FIELD_DOCS)

@@ -36,9 +36,9 @@ def _run(config):
 
 
 def main(argv=None):
-    from cosa_jax.train.config import default_config, validate
+    from cosa_jax.train.config import KEY_DOCS, default_config, validate
     runner.run(_run, prog="cosa-jax train", doc=__doc__, default_config=default_config,
-               validate=validate, argv=argv)
+               validate=validate, docs=KEY_DOCS, argv=argv)
 
 
 if __name__ == "__main__":

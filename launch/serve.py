@@ -20,7 +20,7 @@ from ml_collections import config_flags
 from launch import runner
 
 ROOT = Path(__file__).resolve().parents[1]
-_CONFIG = config_flags.DEFINE_config_file("config", None, "server config file (default configs/serve.py)")
+SHIPPED_CONFIG = ROOT / "configs" / "serve.py"
 
 
 def _run(c) -> None:
@@ -75,8 +75,16 @@ def _run(c) -> None:
 
 def main(argv=None) -> None:
     from cosa_jax.inference.serve_config import default_config, validate
-    runner.run(_run, prog="cosa-jax serve", doc=__doc__, default_config=default_config,
-               validate=validate, config_default=str(ROOT / "configs" / "serve.py"), argv=argv)
+    if SHIPPED_CONFIG.exists():  # a checkout: configs/serve.py, or the file given by --config
+        runner.run(_run, prog="cosa-jax serve", doc=__doc__, default_config=default_config,
+                   validate=validate, config_default=str(SHIPPED_CONFIG), argv=argv,
+                   define_config=lambda: config_flags.DEFINE_config_file(
+                       "config", None, "server config file (default configs/serve.py)"))
+    else:  # an installed package without the configs/ folder: the defaults themselves
+        runner.run(_run, prog="cosa-jax serve", doc=__doc__, default_config=default_config,
+                   validate=validate, argv=argv,
+                   define_config=lambda: config_flags.DEFINE_config_dict(
+                       "config", default_config(), "server settings"))
 
 
 if __name__ == "__main__":

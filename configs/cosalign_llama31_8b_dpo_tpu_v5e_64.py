@@ -2,6 +2,8 @@
 
 Launch on every host of the slice (see launch/tpu_pod.sh); jax.distributed.initialize() runs by
 itself on TPU pods. 64 chips: data 4 x fsdp 16; global batch 64 pairs, no accumulation.
+
+    python -m launch.train --config configs/cosalign_llama31_8b_dpo_tpu_v5e_64.py
 """
 
 from configs.cosalign_llama31_8b_dpo import get_config as gpu_config

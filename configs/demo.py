@@ -2,6 +2,8 @@
 
 Larger lr and tiny batches so that a few minutes of CPU show the rewards separating; the
 paper recipe is configs/cosalign_llama31_8b_dpo.py. ``--config.train.mode=sft`` for SFT.
+
+    python -m launch.train --config configs/demo.py
 """
 
 from cosa_jax.train.config import default_config

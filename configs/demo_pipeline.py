@@ -3,6 +3,10 @@
 answers (greedy, KV cache) -> serve the model locally -> synthesize a small preference set
 through that server -> SFT -> DPO -> evaluate base and trained models on the mini
 CoSAlign-Test configs -> table + report. Sized for a 2-core CPU; every size is a key below.
+Each stage's config is its pipeline's own default_config() with the demo's sizes; the demo
+fills in only what follows from the run (output dirs, the server URL, the model of each stage).
+
+    python -m launch.demo --config configs/demo_pipeline.py
 
 The judge is the embedded 135M model unless an endpoint is configured: set OPENAI_API_KEY
 (judge.model defaults to gpt-4o), or --config.judge.base_url=http://host:port/v1.
@@ -10,13 +14,36 @@ The judge is the embedded 135M model unless an endpoint is configured: set OPENA
 
 import ml_collections
 
+from cosa_jax.eval.config import default_config as eval_config
+from cosa_jax.synth.config import default_config as synth_config
+from cosa_jax.train.config import default_config as train_config
+
+
+def _train(mode: str, steps: int):
+    t = train_config()
+    t.model.compute_dtype = "float32"
+    t.data.train = "bundled:mini_prefs.jsonl"  # the demo adds the synthesized pairs to these
+    t.data.eval = "bundled:mini_prefs_dev.jsonl"
+    t.data.eval_pairs = 8
+    t.data.max_length = 256
+    t.data.max_prompt_length = 192
+    t.train.mode = mode
+    t.train.max_steps = steps
+    t.train.batch_size = 4
+    t.train.grad_accum = 1
+    t.train.lr = 1e-5
+    t.train.warmup_steps = 1
+    t.mesh.shape = (1, 1, 1)
+    t.checkpoint.every = max(1, steps // 2)
+    return t
+
 
 def get_config():
     c = ml_collections.ConfigDict()
-    c.run_dir = "runs/demo"
-    c.model = "embedded:smollm2-135m-instruct"
-    c.seed = 0
-    c.stages = "answers,synth,sft,dpo,eval"
+    c.run_dir = "runs/demo"  # every stage writes under this directory
+    c.model = "embedded:smollm2-135m-instruct"  # the base model (answers, synthesis, SFT start)
+    c.seed = 0  # passed to every stage
+    c.stages = "answers,synth,sft,dpo,eval"  # stages to run, in this order
 
     c.judge = ml_collections.ConfigDict(dict(
         base_url="",                 # "" + no OPENAI_API_KEY: the embedded model judges
@@ -25,18 +52,28 @@ def get_config():
         max_tokens=128,
     ))
 
-    c.synth = ml_collections.ConfigDict(dict(
-        prompts=4,                   # first N shipped mini prompts
-        n_superset=1, n_not_superset=1, n_safe=1,
-        max_tokens=48,
-    ))
+    s = synth_config()  # synthesis through the local server (launch.synthesize's keys)
+    s.sources = [dict(kind="mini", limit=4)]  # first 4 shipped mini prompts
+    s.allow_partial = True
+    s.min_label_group = 1
+    s.generation.n_superset = 1
+    s.generation.n_not_superset = 1
+    s.generation.n_safe = 1
+    s.pairing.dev_fraction = 0.1
+    for role in ("permissive", "safe", "judge"):
+        s.endpoints[role].model = "smollm2"
+        s.endpoints[role].params.max_tokens = 48 if role != "judge" else 128
+    c.synth = s
 
-    c.train = ml_collections.ConfigDict(dict(
-        sft_steps=4, dpo_steps=8, batch_size=4, lr_sft=1e-5, lr_dpo=1e-5, warmup_steps=1,
-        max_length=256, max_prompt_length=192,
-    ))
+    c.sft = _train("sft", 4)  # SFT on the chosen responses (launch.train's keys)
+    c.dpo = _train("dpo", 8)  # DPO from the SFT model (launch.train's keys)
 
-    c.eval = ml_collections.ConfigDict(dict(
-        dataset="cosalign_test", limit_per_config=1, max_new_tokens=48,
-    ))
+    e = eval_config()  # CoSA-Score of base and trained models (launch.evaluate's keys)
+    e.max_new_tokens = 48
+    e.dataset.name = "cosalign_test"
+    e.dataset.source = "mini"
+    e.dataset.limit_per_config = 1
+    e.candidate.kind = "callable"
+    e.judge.max_tokens = 128
+    c.eval = e
     return c

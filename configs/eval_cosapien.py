@@ -1,13 +1,15 @@
 """The paper's CoSApien evaluation: 5 human-written scenarios x 40 prompts from the hub (needs
 network); helpfulness and compliance judged by GPT-4o. The in-context baseline uses the shipped
 hand-written shots (``baseline.shots='mini'``) unless pointed at another shots file.
+
+    python -m launch.evaluate --config configs/eval_cosapien.py
 """
 
-from cosa_jax.eval.pipeline import base_config
+from cosa_jax.eval.config import default_config
 
 
 def get_config():
-    c = base_config()
+    c = default_config()
     c.output_dir = "runs/eval_cosapien"
     c.max_new_tokens = 1024
     c.dataset.name = "cosapien"

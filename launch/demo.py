@@ -14,12 +14,16 @@ import sys
 import time
 from pathlib import Path
 
-from absl import app
+from absl import flags
 from ml_collections import config_flags
 
+from launch import runner
+
 ROOT = Path(__file__).resolve().parents[1]
-_CONFIG = config_flags.DEFINE_config_file("config", str(ROOT / "configs" / "demo_pipeline.py"),
-                                          "demo pipeline config")
+DEFAULT_CONFIG = str(ROOT / "configs" / "demo_pipeline.py")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "demo pipeline config (default "
+                                          "configs/demo_pipeline.py)")
+STAGES = ("answers", "synth", "sft", "dpo", "eval")
 
 CONFIGS = {
     "children's publisher (nothing risky allowed)": (),
@@ -87,22 +91,14 @@ def judge_setup(c, model):
 
 
 def stage_synth(c, run: Path, server_url: str, judge: dict) -> Path | None:
-    from configs.synth_demo import get_config as synth_config
     from cosa_jax.synth import stages
     banner("[2/5] Synthesize preference pairs through the local server (Algorithm 1)")
-    s = synth_config()
+    s = c.synth.copy_and_resolve_references()
     s.out_dir = str(run / "synth")
     s.seed = c.seed
-    s.progress = True
-    s.allow_partial = True
-    s.sources = [dict(kind="mini", limit=c.synth.prompts)]
-    s.generation = dict(n_superset=c.synth.n_superset, n_not_superset=c.synth.n_not_superset,
-                        n_safe=c.synth.n_safe, skip_outside_train=True)
     for role in ("permissive", "safe", "judge"):
-        e = s.endpoints[role]
-        e.base_url, e.model, e.api_key_env = server_url, "smollm2", ""
-        e.params = dict(e.params, max_tokens=c.synth.max_tokens if role != "judge" else c.judge.max_tokens)
-        e.concurrency = 16
+        s.endpoints[role].base_url = server_url
+    s.endpoints.judge.params.max_tokens = c.judge.max_tokens
     if judge["kind"] == "openai":
         e = s.endpoints["judge"]
         e.base_url = judge["base_url"] or "https://api.openai.com/v1"
@@ -121,25 +117,11 @@ def stage_synth(c, run: Path, server_url: str, judge: dict) -> Path | None:
 
 
 def train_config(c, run: Path, mode: str, model_path: str, data: Path):
-    from cosa_jax.train.config import default_config
-    t = default_config()
+    t = c[mode].copy_and_resolve_references()
     t.seed = c.seed
     t.output_dir = str(run / mode)
     t.model.path = model_path
-    t.model.compute_dtype = "float32"
     t.data.train = str(data)
-    t.data.eval = "bundled:mini_prefs_dev.jsonl"
-    t.data.eval_pairs = c.train.batch_size * 2
-    t.data.max_length = c.train.max_length
-    t.data.max_prompt_length = c.train.max_prompt_length
-    t.train.mode = mode
-    t.train.max_steps = c.train.sft_steps if mode == "sft" else c.train.dpo_steps
-    t.train.batch_size = c.train.batch_size
-    t.train.grad_accum = 1
-    t.train.lr = c.train.lr_sft if mode == "sft" else c.train.lr_dpo
-    t.train.warmup_steps = c.train.warmup_steps
-    t.mesh.shape = (1, 1, 1)
-    t.checkpoint.every = max(1, t.train.max_steps // 2)
     return t
 
 
@@ -155,20 +137,15 @@ def stage_train(c, run: Path, mode: str, model_path: str, data: Path) -> str:
 
 
 def stage_eval(c, run: Path, models: dict, judge: dict, judge_fn) -> None:
-    from cosa_jax.eval.pipeline import base_config, evaluate
+    from cosa_jax.eval.pipeline import evaluate
     from cosa_jax.eval.report import compare_report
     banner("[5/5] CoSA-Score on the mini CoSAlign-Test configs (seen + held-out)")
     results = {}
     for label, model in models.items():
-        e = base_config()
+        e = c.eval.copy_and_resolve_references()
         e.label = label
         e.output_dir = str(run / "eval" / label)
         e.seed = c.seed
-        e.max_new_tokens = c.eval.max_new_tokens
-        e.dataset.name = c.eval.dataset
-        e.dataset.source = "mini"
-        e.dataset.limit_per_config = c.eval.limit_per_config
-        e.candidate.kind = "callable"
         e.candidate.model = label
         e.judge.update(max_tokens=c.judge.max_tokens, **judge)
         if judge["kind"] == "callable":
@@ -180,9 +157,37 @@ def stage_eval(c, run: Path, models: dict, judge: dict, judge_fn) -> None:
 
 
 
-def main(argv):
-    del argv
-    c = _CONFIG.value
+def default_config():
+    """The demo's config: every pipeline's default_config() with the demo's sizes."""
+    sys.path.insert(0, str(ROOT))
+    from configs.demo_pipeline import get_config
+    return get_config()
+
+
+def validate(c) -> None:
+    """Each stage's config through its own pipeline's validate(), before anything runs."""
+    from cosa_jax.config_tools import ConfigError, check_keys
+    from cosa_jax.eval import config as eval_config
+    from cosa_jax.synth import config as synth_config
+    from cosa_jax.train import config as train_config
+    check_keys(c, default_config(), where="config",
+               open_sections=("synth", "sft", "dpo", "eval"))
+    for s in (x.strip() for x in c.stages.split(",") if x.strip()):
+        if s not in STAGES:
+            raise ConfigError(f"config key stages: unknown stage {s!r}; stages: {','.join(STAGES)}")
+    for key, check in (("synth", synth_config.validate), ("sft", train_config.validate),
+                       ("dpo", train_config.validate), ("eval", eval_config.validate)):
+        try:
+            check(c[key])
+        except ValueError as e:  # name the section: "config key train.lr" -> "config key sft.train.lr"
+            raise ConfigError(str(e).replace("config key ", f"config key {key}.")
+                              .replace("config.", f"config.{key}.")) from None
+
+
+def _run(c):
+    if flags.FLAGS.dry_run:
+        print(f"[demo] dry run: the configs of {c.stages} are valid; nothing run")
+        return
     from launch.logs import quiet_library_logs
     quiet_library_logs()
     run = Path(c.run_dir)
@@ -217,6 +222,20 @@ def main(argv):
     print(f"\n[demo] done in {(time.perf_counter() - t_start) / 60:.1f} min; outputs in {run}/")
 
 
+def main(argv=None):
+    from cosa_jax.config_tools import key_docs
+    from cosa_jax.endpoint.config import FIELD_DOCS
+    from cosa_jax.eval import config as eval_config
+    from cosa_jax.synth import config as synth_config
+    from cosa_jax.train import config as train_config
+    docs = {f"{section}.{k}": v
+            for section, mod in (("synth", synth_config), ("sft", train_config), ("dpo", train_config),
+                                 ("eval", eval_config))
+            for k, v in (key_docs(mod.default_config) | getattr(mod, "KEY_DOCS", {})).items()}
+    runner.run(_run, prog="cosa-jax demo", doc=__doc__, default_config=default_config,
+               validate=validate, config_default=DEFAULT_CONFIG, argv=argv, docs=docs,
+               fallback_docs=FIELD_DOCS)
+
+
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
-    app.run(main)
+    main()

@@ -16,21 +16,23 @@ import json
 import logging
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from cosa_jax.eval.pipeline import evaluate
-from cosa_jax.eval.report import compare_report, markdown
+from launch import runner
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Evaluation config file (configs/eval_*.py).")
 _COMPARE = flags.DEFINE_list("compare", [], "results.json files of earlier runs to compare with this one.")
 
 
-def main(argv):
-    del argv
-    cfg = _CONFIG.value
-    if cfg is None:
-        raise app.UsageError("--config is required, e.g. --config configs/eval_demo.py")
+def _is_local(source: str) -> bool:
+    return source in ("", "mini") or Path(source).exists()
+
+
+def _run(cfg):
+    from cosa_jax.eval import baselines as bl
+    from cosa_jax.eval.pipeline import build_eval_set, evaluate
+    from cosa_jax.eval.report import compare_report, markdown
     for name in ("httpx", "httpx2", "openai"):  # one INFO line per request drowns the progress bars
         logging.getLogger(name).setLevel(logging.WARNING)
     if "suite" in cfg:
@@ -40,6 +42,18 @@ def main(argv):
         for label, res in run_suite(cfg).items():
             print(suite_markdown(res))
             print(f"[eval] {label}: {res['files']}")
+        return
+    if flags.FLAGS.dry_run:
+        what = f"dataset {cfg.dataset.source} not fetched"
+        if _is_local(cfg.dataset.source):
+            baseline = bl.check_baseline(cfg.baseline.name)
+            if baseline == "in_context" and cfg.dataset.name != "cosapien" and not _is_local(cfg.baseline.train_pairs):
+                what = f"train_pairs {cfg.baseline.train_pairs} not read (absent or on the hub); "
+                baseline = "none"
+            else:
+                what = ""
+            what += f"{len(build_eval_set(cfg, baseline).examples)} examples readable"
+        print(f"[eval] dry run: config valid, {what}; nothing sent")
         return
     results = evaluate(cfg)
     print(markdown(results))
@@ -53,5 +67,12 @@ def main(argv):
     print(f"[eval] results in {cfg.output_dir}")
 
 
+def main(argv=None):
+    from cosa_jax.endpoint.config import FIELD_DOCS
+    from cosa_jax.eval.config import default_config, validate
+    runner.run(_run, prog="cosa-jax evaluate", doc=__doc__, default_config=default_config,
+               validate=validate, module_flags=("compare",), argv=argv, fallback_docs=FIELD_DOCS)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    main()

@@ -13,7 +13,8 @@ import threading
 import pytest
 
 from cosa_jax import judges
-from cosa_jax.eval.pipeline import base_config, evaluate
+from cosa_jax.eval.config import default_config as base_config
+from cosa_jax.eval.pipeline import evaluate
 from cosa_jax.eval.report import compare_report
 from cosa_jax.testing.scripted_server import FakeChatServer, recognize_judge
 from cosa_jax.taxonomy import ALL_CATEGORIES

@@ -57,7 +57,8 @@ def test_no_production_module_imports_cosa_jax_testing():
 
 
 def test_no_config_key_selects_a_scripted_server():
-    from cosa_jax.eval.pipeline import base_config, evaluate
+    from cosa_jax.eval.config import default_config as base_config
+    from cosa_jax.eval.pipeline import evaluate
 
     assert "local_server" not in base_config()
     cfg = base_config()

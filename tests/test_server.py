@@ -354,9 +354,9 @@ def test_launch_serve_cli_end_to_end(tiny_dir, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "launch.serve", "--model", str(path), "--port", str(port),
-         "--served-model-name", MODEL, "--auth-registry", str(tmp_path / "registry.json"),
-         "--default-config", str(tmp_path / "default.txt")],
+        [sys.executable, "-m", "launch.serve", f"--config.model={path}", f"--config.port={port}",
+         f"--config.served_model_name={MODEL}", f"--config.auth_registry={tmp_path / 'registry.json'}",
+         f"--config.default_safety_config={tmp_path / 'default.txt'}"],
         cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 120

@@ -8,7 +8,8 @@ from pathlib import Path
 import datasets
 import pytest
 
-from cosa_jax.eval.pipeline import base_config, evaluate
+from cosa_jax.eval.config import default_config as base_config
+from cosa_jax.eval.pipeline import evaluate
 from cosa_jax.synth import stages
 from cosa_jax.taxonomy import ALL_CATEGORIES, load_taxonomy
 from cosa_jax.testing.scripted_server import FakeChatServer, PromptLabels, ScriptedReplies

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from cosa_jax.data import is_hub_repo_dir
-from cosa_jax.jsonl import iter_jsonl_objects
+from cosa_jax.jsonl import iter_jsonl_objects, text_field
 from cosa_jax import safety_configs as sc
 from cosa_jax.taxonomy import Category, Taxonomy, default_taxonomy, load_taxonomy, parse_categories
 
@@ -119,10 +119,7 @@ def read_rows(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
 
 
 def _text_field(row: Mapping[str, Any], field: str, where: str) -> str:
-    v = row.get(field)
-    if not isinstance(v, str) or not v.strip():
-        raise ValueError(f"{where}: field {field!r} must be a non-empty string, got {v!r}")
-    return v.strip()
+    return text_field(row, field, where).strip()
 
 
 def _hub_load(hub_id: str, *args: Any, **kw: Any):
@@ -350,6 +347,8 @@ def load_train_pairs(source: str | os.PathLike, *, hub_splits: tuple[str, ...] =
                 "allowed": parse_spec(row["spec_i"], where),
             }
         )
+    if not out:
+        raise ValueError(f"{src}: no training pairs; expected rows with prompt, chosen_response, spec_i")
     return out
 
 

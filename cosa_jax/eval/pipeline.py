@@ -13,114 +13,26 @@ batches of chats, decoding greedily. Host-side only: no JAX import here.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import ml_collections
 from tqdm.auto import tqdm
 
 from cosa_jax import judges
 from cosa_jax.eval import baselines as bl
 from cosa_jax.eval import datasets as ds
+from cosa_jax.eval.config import endpoint_fields, validate
 from cosa_jax.eval.metrics import JudgedRecord, cosa_score
 from cosa_jax.eval.report import write_report
 from cosa_jax.endpoint.client import ChatRequest, EndpointConfig, run_requests_sync
 from cosa_jax.endpoint.journal import Journal, request_key
-from cosa_jax.taxonomy import SEEN_CATEGORIES, taxonomy_from_config
+from cosa_jax.taxonomy import Taxonomy, taxonomy_from_config
 
 ChatFn = Callable[[list[list[dict[str, str]]], int], list[str]]
 
-# Keys of cfg.candidate / cfg.judge that are ours; the rest go to EndpointConfig.
-_OWN_ENDPOINT_KEYS = ("kind", "fn", "label", "batch_size", "max_tokens")
-
-
-def base_config() -> ml_collections.ConfigDict:
-    """Defaults shared by configs/eval_*.py; a config file overrides what it needs."""
-    c = ml_collections.ConfigDict()
-    c.label = ""  # name of this run in tables; defaults to the candidate model
-    c.output_dir = "runs/eval"
-    c.seed = 0
-    c.max_new_tokens = 1024
-    c.progress = True
-    c.plots = True
-    c.taxonomy = ""  # taxonomy file (YAML/JSON) or shipped name; "" = the paper's (cosa)
-    c.train_categories = list(cat.value for cat in SEEN_CATEGORIES)  # [] = the taxonomy's seen ones
-    c.dataset = ml_collections.ConfigDict(
-        dict(name="cosalign_test", source="mini", limit_per_config=0, limit=0)
-    )
-    c.candidate = ml_collections.ConfigDict(
-        dict(
-            kind="openai",
-            model="cosa",
-            base_url="http://127.0.0.1:8000/v1",
-            api_key_env="",
-            concurrency=8,
-            timeout_s=600.0,
-            max_attempts=4,
-            fn=None,
-            batch_size=8,
-            label="",
-        )
-    )
-    c.judge = ml_collections.ConfigDict(
-        dict(
-            kind="openai",
-            model="gpt-4o",
-            base_url="",
-            api_key_env="OPENAI_API_KEY",
-            concurrency=16,
-            timeout_s=120.0,
-            max_attempts=8,
-            max_tokens=1024,
-            fn=None,
-            batch_size=8,
-            label="",
-        )
-    )
-    c.baseline = ml_collections.ConfigDict(
-        dict(
-            name="none",  # none | in_context | cascade_judge | cascade_self
-            k=5,
-            train_pairs="",  # CoSAlign-Train-schema pairs for in-context shots (category configs)
-            shots="mini",  # hand-written shots for free-form configs
-            on_invalid="refuse",  # cascade: what an unparseable verdict does
-            self_check_max_tokens=256,
-        )
-    )
-    return c
-
-
-def _as_dict(x: Any) -> dict[str, Any]:
-    if x is None:
-        return {}
-    if isinstance(x, ml_collections.ConfigDict):
-        return {k: x[k] for k in x.keys()}  # shallow, keeps callables untouched
-    return dict(x)
-
-
-def _merged(cfg: Any) -> dict[str, Any]:
-    """cfg over base_config(), one level deep for the sub-dicts."""
-    base = _as_dict(base_config())
-    user = _as_dict(cfg)
-    unknown = sorted(set(user) - set(base))
-    if unknown:
-        raise ValueError(f"evaluation config: unknown key(s) {unknown}; known: {sorted(base)}")
-    out = {k: _as_dict(v) if isinstance(v, ml_collections.ConfigDict) else v for k, v in base.items()}
-    for k, v in user.items():
-        if isinstance(base[k], ml_collections.ConfigDict):
-            sub = _as_dict(base[k])
-            extra = _as_dict(v)
-            if k in ("dataset", "baseline"):
-                bad = sorted(set(extra) - set(sub))
-                if bad:
-                    raise ValueError(f"evaluation config: unknown key(s) {bad} in '{k}'; known: {sorted(sub)}")
-            sub.update(extra)
-            out[k] = sub
-        else:
-            out[k] = v
-    return out
 
 
 # ----- chats through a journal -------------------------------------------------------------------
@@ -150,12 +62,7 @@ def run_chats(
     kind = role_cfg.get("kind", "openai")
     params = {"temperature": 0.0, "max_tokens": int(max_tokens)}
     if kind == "openai":
-        ep_fields = {k: v for k, v in role_cfg.items() if k not in _OWN_ENDPOINT_KEYS}
-        if not ep_fields.get("base_url"):
-            ep_fields["base_url"] = None
-        if not ep_fields.get("api_key_env"):
-            ep_fields["api_key_env"] = None
-        endpoint = EndpointConfig.from_mapping(ep_fields, where=f"config.{role}")
+        endpoint = EndpointConfig.from_mapping(endpoint_fields(role_cfg), where=f"config.{role}")
         reqs = [ChatRequest(list(m), params=dict(params), salt=salt) for m in chats]
         results, usage = run_requests_sync(endpoint, journal, reqs, role=role, desc=role, progress=progress)
         return [None if r is None else r["text"] for r in results], dict(vars(usage))
@@ -191,19 +98,19 @@ def run_chats(
 
 
 def _prepare_shots(cfg: Mapping[str, Any], examples: Sequence[ds.EvalExample]) -> tuple[list[list], dict[str, Any]]:
-    b = cfg["baseline"]
-    k = int(b["k"])
-    if cfg["dataset"]["name"] == "cosapien":
-        free = ds.load_cosapien_shots(b["shots"] or "mini")
-        shots = [bl.draw_shots(e, k, seed=cfg["seed"], freeform_shots=free) for e in examples]
+    b = cfg.baseline
+    k = int(b.k)
+    if cfg.dataset.name == "cosapien":
+        free = ds.load_cosapien_shots(b.shots or "mini")
+        shots = [bl.draw_shots(e, k, seed=cfg.seed, freeform_shots=free) for e in examples]
     else:
-        if not b["train_pairs"]:
+        if not b.train_pairs:
             raise ValueError(
                 "baseline 'in_context' on category configs needs baseline.train_pairs: a file or folder "
                 "of training pairs in the CoSAlign-Train schema (e.g. the synthesis 'pairs' output)"
             )
-        by_config = bl.index_pairs_by_config(ds.load_train_pairs(b["train_pairs"]))
-        shots = [bl.draw_shots(e, k, seed=cfg["seed"], pairs_by_config=by_config) for e in examples]
+        by_config = bl.index_pairs_by_config(ds.load_train_pairs(b.train_pairs))
+        shots = [bl.draw_shots(e, k, seed=cfg.seed, pairs_by_config=by_config) for e in examples]
     used: dict[str, list[int]] = {}
     for e, s in zip(examples, shots):
         used.setdefault(e.config_id, []).append(len(s))
@@ -233,147 +140,200 @@ def _check_run_identity(out: Path, label: str, candidate: str) -> None:
         meta.write_text(json.dumps(ident))
 
 
-def evaluate(cfg: Any, *, candidate_fn: ChatFn | None = None, judge_fn: ChatFn | None = None) -> dict[str, Any]:
-    """Run one evaluation and write its report; returns the results dict (also results.json)."""
-    c = _merged(cfg)
-    out = Path(c["output_dir"])
-    out.mkdir(parents=True, exist_ok=True)
-    seed = int(c["seed"])
-    progress = bool(c["progress"])
-    baseline = bl.check_baseline(c["baseline"]["name"])
-    dcfg = c["dataset"]
+@dataclasses.dataclass
+class EvalSet:
+    """The examples of one run with what the candidate sees for each."""
+
+    examples: list[ds.EvalExample]
+    system_prompts: list[str]
+    shots: list[list]
+    chats: list[list[dict[str, str]]]
+    in_context_info: dict[str, Any] | None
+    taxonomy: Taxonomy
+
+
+@dataclasses.dataclass
+class Judged:
+    """Raw judge texts, keyed by example index (only examples whose generation succeeded)."""
+
+    helpfulness: dict[int, str | None]
+    safety: dict[int, str | None]
+    self_check: dict[int, str | None]
+
+
+def build_eval_set(c: Any, baseline: str) -> EvalSet:
+    """Load the data set and render each example's system prompt, shots and chat."""
+    d = c.dataset
     tax = taxonomy_from_config(c)
-    parse_categories = tax.parse_categories
-    response_risk = judges.judges_for(tax)["response_risk"]
-    examples = ds.load_eval_set(
-        dcfg["name"], dcfg["source"] or "mini", limit_per_config=dcfg["limit_per_config"] or None, limit=dcfg["limit"] or None,
-        taxonomy=tax,
-    )
+    examples = ds.load_eval_set(d.name, d.source or "mini", limit_per_config=d.limit_per_config or None,
+                                limit=d.limit or None, taxonomy=tax)
+    seed = int(c.seed)
     system_prompts = [ds.system_prompt_for(e, seed) for e in examples]
     shots: list[list] = [[] for _ in examples]
-    in_context_info = None
+    info = None
     if baseline == "in_context":
-        shots, in_context_info = _prepare_shots(c, examples)
+        shots, info = _prepare_shots(c, examples)
     chats = [bl.build_messages(sp, e.prompt, s) for e, sp, s in zip(examples, system_prompts, shots)]
+    return EvalSet(examples, system_prompts, shots, chats, info, tax)
 
-    label = c["label"] or _endpoint_label(c["candidate"])
-    _check_run_identity(out, label, _endpoint_label(c["candidate"]))
+
+def judge_chats(examples: Sequence[ds.EvalExample], responses: Sequence[str | None], ok: Sequence[int],
+                tax: Taxonomy) -> list:
+    """Helpfulness chats for every answered example, then one safety chat each (compliance for
+    free-form configs, response risks for category configs)."""
+    chats = [judges.HELPFULNESS.messages(examples[i].prompt, responses[i]) for i in ok]
+    for i in ok:
+        e = examples[i]
+        if e.freeform:
+            chats.append(judges.COMPLIANCE.messages(e.config_text or "", e.prompt, responses[i]))
+        else:
+            chats.append(judges.judges_for(tax)["response_risk"].messages(e.prompt, responses[i]))
+    return chats
+
+
+def generate_and_judge(c: Any, es: EvalSet, out: Path, baseline: str, label: str, progress: bool,
+                       candidate_fn: ChatFn | None, judge_fn: ChatFn | None
+                       ) -> tuple[list[str | None], Judged, dict[str, Any]]:
+    """Candidate responses, the judges' verdict texts, and (cascade_self) the self-checks."""
     usage: dict[str, Any] = {}
     with Journal(out / "journal" / "candidate.sqlite") as jc, Journal(out / "journal" / "judge.sqlite") as jj:
         responses, usage["candidate"] = run_chats(
-            c["candidate"], jc, chats, c["max_new_tokens"], role="candidate", progress=progress, fn=candidate_fn,
+            c.candidate, jc, es.chats, c.max_new_tokens, role="candidate", progress=progress, fn=candidate_fn,
             salt=label,
         )
         ok = [i for i, r in enumerate(responses) if r is not None]
-        judge_chats = [judges.HELPFULNESS.messages(examples[i].prompt, responses[i]) for i in ok]
-        for i in ok:
-            e = examples[i]
-            if e.freeform:
-                judge_chats.append(judges.COMPLIANCE.messages(e.config_text or "", e.prompt, responses[i]))
-            else:
-                judge_chats.append(response_risk.messages(e.prompt, responses[i]))
         judged, usage["judge"] = run_chats(
-            c["judge"], jj, judge_chats, c["judge"]["max_tokens"], role="judge", progress=progress, fn=judge_fn
+            c.judge, jj, judge_chats(es.examples, responses, ok, es.taxonomy), c.judge.max_tokens, role="judge",
+            progress=progress, fn=judge_fn,
         )
         n = len(ok)
-        help_raw = dict(zip(ok, judged[:n]))
-        safety_raw = dict(zip(ok, judged[n:]))
-
         self_raw: dict[int, str | None] = {}
         if baseline == "cascade_self":
-            self_chats = [bl.self_check_messages(examples[i], system_prompts[i], responses[i]) for i in ok]
+            self_chats = [bl.self_check_messages(es.examples[i], es.system_prompts[i], responses[i]) for i in ok]
             texts, usage["self_check"] = run_chats(
-                c["candidate"], jc, self_chats, c["baseline"]["self_check_max_tokens"], role="self_check",
+                c.candidate, jc, self_chats, c.baseline.self_check_max_tokens, role="self_check",
                 progress=progress, fn=candidate_fn, salt=label,
             )
             self_raw = dict(zip(ok, texts))
+    return responses, Judged(dict(zip(ok, judged[:n])), dict(zip(ok, judged[n:])), self_raw), usage
 
+
+def record_rows(es: EvalSet, responses: Sequence[str | None], judged: Judged) -> list[dict[str, Any]]:
+    """One record per example: what was asked, answered, and the parsed verdicts."""
     rows: list[dict[str, Any]] = []
-    for i, e in enumerate(examples):
+    for i, e in enumerate(es.examples):
         row: dict[str, Any] = {
             "example_id": e.example_id,
             "config_id": e.config_id,
             "prompt": e.prompt,
             "prompt_type": e.prompt_type,
             "allowed": None if e.freeform else [x.value for x in e.allowed or ()],
-            "system_prompt": system_prompts[i],
-            "n_shots": len(shots[i]),
+            "system_prompt": es.system_prompts[i],
+            "n_shots": len(es.shots[i]),
             "response": responses[i],
             "generation_failed": responses[i] is None,
         }
         rating = risks = compliant = None
         if responses[i] is not None:
-            h = judges.HELPFULNESS.parse(help_raw[i])
-            s = (judges.COMPLIANCE if e.freeform else response_risk).parse(safety_raw[i])
+            h = judges.HELPFULNESS.parse(judged.helpfulness[i])
+            s = (judges.COMPLIANCE if e.freeform else judges.judges_for(es.taxonomy)["response_risk"]).parse(judged.safety[i])
             rating = h.value if h.valid else None
             if e.freeform:
                 compliant = s.value if s.valid else None
             else:
                 risks = tuple(s.value) if s.valid else None
             row.update(
-                helpfulness_judge=help_raw[i], safety_judge=safety_raw[i],
+                helpfulness_judge=judged.helpfulness[i], safety_judge=judged.safety[i],
                 helpfulness_error=h.error, safety_error=s.error,
             )
         row.update(rating=rating, risks=None if risks is None else [x.value for x in risks], compliant=compliant)
         rows.append(row)
+    return rows
 
-    def record(row: Mapping[str, Any]) -> JudgedRecord:
-        return JudgedRecord(
-            config_id=row["config_id"],
-            rating=row["rating"],
-            allowed=None if row["allowed"] is None else parse_categories(row["allowed"]),
-            risks=None if row["risks"] is None else parse_categories(row["risks"]),
-            compliant=row["compliant"],
-            prompt_type=row["prompt_type"],
-        )
 
-    train = parse_categories(c["train_categories"]) if c["train_categories"] else tax.seen
-    metrics_before = None
-    cascade_info = None
-    if baseline in ("cascade_judge", "cascade_self"):
-        metrics_before = cosa_score([record(r) for r in rows], train_categories=train)
-        on_invalid = c["baseline"]["on_invalid"]
-        replaced = invalid = 0
-        for i, (e, row) in enumerate(zip(examples, rows)):
-            if row["generation_failed"]:
-                continue
-            if baseline == "cascade_judge":
-                verdict = bl.oracle_compliant(e, None if row["risks"] is None else parse_categories(row["risks"]), row["compliant"])
-            else:
-                parsed = judges.COMPLIANCE.parse(self_raw[i])
-                verdict = parsed.value if parsed.valid else None
-                row["self_check_judge"] = self_raw[i]
-            invalid += verdict is None
-            row["cascade_verdict"] = verdict
-            if not bl.keep_response(verdict, on_invalid):
-                replaced += 1
-                row.update(
-                    cascade_replaced=True, original_response=row["response"], response=bl.CASCADE_REFUSAL,
-                    rating=0, risks=None if e.freeform else [], compliant=True if e.freeform else None,
-                )
-        cascade_info = {"replaced": replaced, "invalid_verdicts": invalid, "on_invalid": on_invalid}
+def judged_record(row: Mapping[str, Any], tax: Taxonomy) -> JudgedRecord:
+    parse_categories = tax.parse_categories
+    return JudgedRecord(
+        config_id=row["config_id"],
+        rating=row["rating"],
+        allowed=None if row["allowed"] is None else parse_categories(row["allowed"]),
+        risks=None if row["risks"] is None else parse_categories(row["risks"]),
+        compliant=row["compliant"],
+        prompt_type=row["prompt_type"],
+    )
 
-    metrics = cosa_score([record(r) for r in rows], train_categories=train)
-    results = {
-        "label": label,
-        "dataset": f"{dcfg['name']}:{dcfg['source'] or 'mini'}",
-        "baseline": baseline,
-        "candidate": _endpoint_label(c["candidate"]),
-        "judge": _endpoint_label(c["judge"]),
-        "taxonomy": {"name": tax.name, "source": tax.source, "categories": [[x.value, x.short] for x in tax.categories]},
-        "seed": seed,
-        "max_new_tokens": int(c["max_new_tokens"]),
-        "n_examples": len(examples),
-        "generation_failed": sum(r["generation_failed"] for r in rows),
-        "metrics": metrics,
-        "metrics_before_cascade": metrics_before,
-        "cascade": cascade_info,
-        "in_context": in_context_info,
-        "usage": usage,
-    }
+
+def apply_cascade(baseline: str, on_invalid: str, examples: Sequence[ds.EvalExample],
+                  rows: list[dict[str, Any]], self_raw: Mapping[int, str | None], tax: Taxonomy) -> dict[str, Any]:
+    """Replace (in ``rows``) every response the cascade's check rejects by the refusal."""
+    parse_categories = tax.parse_categories
+    replaced = invalid = 0
+    for i, (e, row) in enumerate(zip(examples, rows)):
+        if row["generation_failed"]:
+            continue
+        if baseline == "cascade_judge":
+            verdict = bl.oracle_compliant(e, None if row["risks"] is None else parse_categories(row["risks"]),
+                                          row["compliant"])
+        else:
+            parsed = judges.COMPLIANCE.parse(self_raw[i])
+            verdict = parsed.value if parsed.valid else None
+            row["self_check_judge"] = self_raw[i]
+        invalid += verdict is None
+        row["cascade_verdict"] = verdict
+        if not bl.keep_response(verdict, on_invalid):
+            replaced += 1
+            row.update(
+                cascade_replaced=True, original_response=row["response"], response=bl.CASCADE_REFUSAL,
+                rating=0, risks=None if e.freeform else [], compliant=True if e.freeform else None,
+            )
+    return {"replaced": replaced, "invalid_verdicts": invalid, "on_invalid": on_invalid}
+
+
+def write_results(results: dict[str, Any], rows: Sequence[Mapping[str, Any]], out: Path, plots: bool) -> None:
+    """records.jsonl, the report (results.md, plots) and results.json, the last one last."""
     with open(out / "records.jsonl", "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    results["files"] = write_report(results, out, plots=bool(c["plots"])) | {"records": str(out / "records.jsonl")}
+    results["files"] = write_report(results, out, plots=plots) | {"records": str(out / "records.jsonl")}
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+
+
+def evaluate(cfg: Any, *, candidate_fn: ChatFn | None = None, judge_fn: ChatFn | None = None) -> dict[str, Any]:
+    """Run one evaluation and write its report; returns the results dict (also results.json)."""
+    validate(cfg)
+    c = cfg
+    out = Path(c.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = bool(c.progress)
+    baseline = bl.check_baseline(c.baseline.name)
+    es = build_eval_set(c, baseline)
+    candidate = _endpoint_label(c.candidate)
+    label = c.label or candidate
+    _check_run_identity(out, label, candidate)
+    responses, judged, usage = generate_and_judge(c, es, out, baseline, label, progress, candidate_fn, judge_fn)
+    rows = record_rows(es, responses, judged)
+    tax = es.taxonomy
+    train = tax.parse_categories(c.train_categories) if c.train_categories else tax.seen
+    metrics_before = cascade_info = None
+    if baseline in ("cascade_judge", "cascade_self"):
+        metrics_before = cosa_score([judged_record(r, tax) for r in rows], train_categories=train)
+        cascade_info = apply_cascade(baseline, c.baseline.on_invalid, es.examples, rows, judged.self_check, tax)
+    results = {
+        "label": label,
+        "dataset": f"{c.dataset.name}:{c.dataset.source or 'mini'}",
+        "baseline": baseline,
+        "candidate": candidate,
+        "judge": _endpoint_label(c.judge),
+        "taxonomy": {"name": tax.name, "source": tax.source, "categories": [[x.value, x.short] for x in tax.categories]},
+        "seed": int(c.seed),
+        "max_new_tokens": int(c.max_new_tokens),
+        "n_examples": len(es.examples),
+        "generation_failed": sum(r["generation_failed"] for r in rows),
+        "metrics": cosa_score([judged_record(r, tax) for r in rows], train_categories=train),
+        "metrics_before_cascade": metrics_before,
+        "cascade": cascade_info,
+        "in_context": es.in_context_info,
+        "usage": usage,
+    }
+    write_results(results, rows, out, plots=bool(c.plots))
     return results

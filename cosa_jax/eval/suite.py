@@ -26,16 +26,17 @@ from cosa_jax.eval import capability as cap
 from cosa_jax.eval import general_safety as gs
 from cosa_jax.eval import overrefusal as orf
 from cosa_jax.eval.baselines import BASELINES
-from cosa_jax.eval.pipeline import base_config, evaluate, run_chats
+from cosa_jax.eval.config import default_config as eval_default_config
+from cosa_jax.eval.pipeline import evaluate, run_chats
 
 STAGES = ("cosalign_test", "cosapien", "over_refusal", "capability", "general_safety")
 # Keys of a suite.models entry that go to the candidate endpoint; ``tokenizer`` is lm-eval's.
-_CANDIDATE_KEYS = tuple(base_config().candidate.keys())
+_CANDIDATE_KEYS = tuple(eval_default_config().candidate.keys())
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """The suite's defaults: the evaluation keys of ``pipeline.base_config`` plus ``suite``."""
-    c = base_config()
+    """The suite's defaults: the evaluation keys of ``eval.config.default_config`` plus ``suite``."""
+    c = eval_default_config()
     c.output_dir = "runs/eval_suite"
     s = ml_collections.ConfigDict()
     s.stages = list(STAGES)
@@ -119,7 +120,7 @@ def _cosa_stage(cfg: Any, stage: str, model: Mapping[str, Any], out: Path) -> di
         if baseline == "in_context" and stage == "cosalign_test" and not cfg.baseline.train_pairs:
             skipped.append("in_context (no baseline.train_pairs)")  # category-config shots need pairs
             continue
-        sub = base_config()
+        sub = eval_default_config()
         for k in ("seed", "max_new_tokens", "progress", "plots", "train_categories"):
             sub[k] = cfg[k]
         sub.label = model["label"]

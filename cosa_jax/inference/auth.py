@@ -173,7 +173,7 @@ def apply_policy(messages: Sequence[Mapping[str, str]], api_key: str | None,
     if registry is None:
         if requested_config is not None:
             raise AuthError(400, "safety_config names a registered config, but this server has no "
-                            "--auth-registry; send the config as the system message instead",
+                            "--config.auth_registry; send the config as the system message instead",
                             "invalid_request_error")
         chosen = sent if sent is not None else default_config
         return ([{"role": "system", "content": chosen}] if chosen is not None else []) + rest

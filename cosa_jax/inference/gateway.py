@@ -1,7 +1,7 @@
 """Policy gateway: the authorised-config registry in front of any OpenAI-compatible backend.
 
 The deployment CoSA describes (only authorised users set the safety config) should not depend
-on which engine generates: ``launch.serve --upstream URL`` runs this app instead of a model. It
+on which engine generates: ``launch.serve --config.upstream=URL`` runs this app instead of a model. It
 decides the system turn with exactly the server's rules (``auth``), forwards the rest of the
 request untouched to the upstream (vLLM, another cosa-jax server, ...), and passes the answer
 back, server-sent events included, byte for byte. Raw prompts (``/v1/completions``) follow the
@@ -136,7 +136,7 @@ def create_gateway_app(upstream: str, *, registry: Registry | None = None,
                        timeout_s: float = 3600.0) -> web.Application:
     """``upstream``: the backend's OpenAI base URL (``http://host:port/v1``)."""
     if not upstream.startswith(("http://", "https://")):
-        raise ValueError(f"--upstream must be an http(s) URL like http://127.0.0.1:8001/v1, "
+        raise ValueError(f"upstream must be an http(s) URL like http://127.0.0.1:8001/v1, "
                          f"got {upstream!r}")
     state = GatewayState(upstream.rstrip("/"), upstream_key, registry, default_config, timeout_s)
     app = web.Application(middlewares=[_errors], client_max_size=16 * 2**20)

@@ -687,7 +687,7 @@ def create_app(model: ChatModel, *, served_model_name: str, registry: Registry |
 
 
 def read_config_arg(value: str | None) -> str | None:
-    """``--default-config``: a file path (its text) or the config text itself."""
+    """``--config.default_safety_config``: a file path (its text) or the config text itself."""
     if value is None:
         return None
     path = Path(value).expanduser()

@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from cosa_jax.jsonl import iter_jsonl_objects
+from cosa_jax.jsonl import iter_jsonl_objects, text_field
 from cosa_jax.taxonomy import parse_categories, to_names
 
 MINI_PROMPTS_FILE = "mini_prompts.jsonl"
@@ -59,8 +59,7 @@ def load_mini_prompts(path: str | os.PathLike | None = None) -> list[dict[str, A
     rows = _read_jsonl(p)
     for row in rows:
         where = f"{p}:{row['__line__']}"
-        if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-            raise ValueError(f"{where}: field 'prompt' must be a non-empty string")
+        text_field(row, "prompt", where)
         if not isinstance(row.get("categories"), list):
             raise ValueError(f"{where}: field 'categories' must be a list of category names")
         try:
@@ -87,9 +86,8 @@ def load_local(path: str | os.PathLike, field: str = "prompt", categories_field:
         rows = [dict(r, __line__=i + 1) for i, r in enumerate(datasets.load_dataset(kind, data_files=str(p), split="train"))]
     out = []
     for row in rows:
-        text = row.get(field)
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"{p}: row {row['__line__']}: field {field!r} must be a non-empty string")
+        line = "line" if p.suffix == ".jsonl" else "row"
+        text = text_field(row, field, f"{p}: {line} {row['__line__']}")
         gold = row.get(categories_field) if categories_field else None
         try:
             out.append(_record(text, str(p.name), gold))

@@ -33,6 +33,7 @@ from cosa_jax import judges
 from cosa_jax import safety_configs as sc
 from cosa_jax.endpoint.client import ChatClient, ChatRequest, EndpointConfig, UsageStats, run_requests
 from cosa_jax.endpoint.journal import Journal
+from cosa_jax.synth import config as synth_config
 from cosa_jax.synth import inputs
 from cosa_jax.synth.pairing import LabelledResponse, make_pairs
 from cosa_jax.synth.scoring import ScoreWeights, error_score
@@ -75,12 +76,8 @@ class StageError(RuntimeError):
 # ----- helpers -----------------------------------------------------------------------------
 
 
-def _cfg_get(cfg: Any, name: str, default: Any = None) -> Any:
-    return cfg.get(name, default) if hasattr(cfg, "get") else getattr(cfg, name, default)
-
-
 def _out(cfg: Any) -> Path:
-    return Path(_cfg_get(cfg, "out_dir"))
+    return Path(cfg.out_dir)
 
 
 def stage_path(cfg: Any, stage: str) -> Path:
@@ -271,16 +268,15 @@ def taxonomy(cfg: Any) -> Taxonomy:
 
 
 def train_categories(cfg: Any) -> tuple[Category, ...]:
-    names = _cfg_get(cfg, "train_categories", None)
+    names = cfg.train_categories
     tax = taxonomy(cfg)
     return tax.parse_categories(names) if names else tax.seen
 
 
 def endpoint(cfg: Any, role: str) -> EndpointConfig:
-    eps = _cfg_get(cfg, "endpoints")
-    if eps is None or role not in eps:
+    if role not in cfg.endpoints:
         raise StageError(f"config has no endpoints.{role}")
-    return EndpointConfig.from_mapping(eps[role], where=f"config.endpoints.{role}")
+    return EndpointConfig.from_mapping(cfg.endpoints[role], where=f"config.endpoints.{role}")
 
 
 def _journal(cfg: Any, stage: str) -> Journal:
@@ -293,7 +289,7 @@ def _usage_dict(u: UsageStats) -> dict[str, Any]:
 
 def _check_failures(results: Sequence[Any], what: str, cfg: Any) -> int:
     n_failed = sum(r is None for r in results)
-    if n_failed and not _cfg_get(cfg, "allow_partial", False):
+    if n_failed and not cfg.allow_partial:
         raise StageError(
             f"{n_failed} {what} request(s) failed after retries; completed ones are journaled, so "
             "rerunning this stage sends only the missing ones (or set allow_partial=True)"
@@ -315,7 +311,7 @@ PROMPT_FEATURES = datasets.Features(
 
 def load_prompts(cfg: Any) -> dict[str, Any]:
     """Read all sources, dedupe, filter by length, drop prompts that appear in any test set."""
-    sources = _cfg_get(cfg, "sources") or [{"kind": "mini"}]
+    sources = cfg.sources
     rows: list[dict[str, Any]] = []
     per_source = {}
     for src in sources:
@@ -325,13 +321,12 @@ def load_prompts(cfg: Any) -> dict[str, Any]:
     n_raw = len(rows)
     rows = inputs.dedupe(rows)
     n_dedup = len(rows)
-    lf = dict(_cfg_get(cfg, "length_filter", None) or {})
-    if lf:
-        count = inputs.count_tokens_fn(lf.get("tokenizer") or None)
-        rows = inputs.filter_length(rows, int(lf.get("min_exclusive", 3)), int(lf.get("max", 64)), count)
+    lf = cfg.length_filter
+    count = inputs.count_tokens_fn(lf.tokenizer or None)
+    rows = inputs.filter_length(rows, int(lf.min_exclusive), int(lf.max), count)
     n_len = len(rows)
     test_prompts: list[str] = []
-    for spec in _cfg_get(cfg, "test_prompts", None) or []:
+    for spec in cfg.test_prompts:
         test_prompts += inputs.load_test_prompts(spec if isinstance(spec, str) else dict(spec))
     rows, n_overlap = inputs.drop_overlap(rows, test_prompts)
     _write_atomic(_from_rows(rows, PROMPT_FEATURES), stage_path(cfg, "load_prompts"))
@@ -362,15 +357,15 @@ def label_prompts(cfg: Any) -> dict[str, Any]:
     rows = ds.to_list()
     prompt_risk = judges.judges_for(taxonomy(cfg))["prompt_risk"]
     chats = [prompt_risk.messages(r["prompt"]) for r in rows]
-    progress = bool(_cfg_get(cfg, "progress", True))
+    progress = bool(cfg.progress)
 
     async def main():
         async with ChatClient(endpoint(cfg, "judge"), "judge") as client:
             with _journal(cfg, "label_prompts") as j:
                 res = await judges.judge_batch(
                     client, j, prompt_risk, chats,
-                    retries=int(_cfg_get(cfg, "judge_retries", 1)),
-                    retry_temperature=float(_cfg_get(cfg, "judge_retry_temperature", 0.7)),
+                    retries=int(cfg.judge_retries),
+                    retry_temperature=float(cfg.judge_retry_temperature),
                     desc="label prompts", progress=progress,
                 )
             return res, client.usage
@@ -389,9 +384,9 @@ def label_prompts(cfg: Any) -> dict[str, Any]:
     groups: dict[tuple[str, ...], list[dict]] = defaultdict(list)
     for r in valid:
         groups[tuple(r["categories"])].append(r)
-    min_group = int(_cfg_get(cfg, "min_label_group", 10))
-    cap = int(_cfg_get(cfg, "max_per_label_group", 2500))
-    seed = int(_cfg_get(cfg, "seed", 0))
+    min_group = int(cfg.min_label_group)
+    cap = int(cfg.max_per_label_group)
+    seed = int(cfg.seed)
     kept: list[dict] = []
     n_small = n_capped = 0
     for key in sorted(groups):
@@ -448,13 +443,13 @@ def _in_train(cats: Sequence[str], train: Sequence[Category]) -> bool:
 
 def generation_plan(prompt_row: Mapping[str, Any], cfg: Any) -> list[dict[str, Any]]:
     """The responses to request for one prompt: configs sampled per prompt (seeded)."""
-    gen = dict(_cfg_get(cfg, "generation", None) or {})
+    gen = cfg.generation
     train = train_categories(cfg)
-    seed = int(_cfg_get(cfg, "seed", 0))
+    seed = int(cfg.seed)
     rng = random.Random(f"{seed}:gen:{prompt_row['prompt_id']}")
     cats = prompt_row["categories"]
     plan = []
-    modes = ["superset"] * int(gen.get("n_superset", 4)) + ["not_superset"] * int(gen.get("n_not_superset", 4))
+    modes = ["superset"] * int(gen.n_superset) + ["not_superset"] * int(gen.n_not_superset)
     for k, mode in enumerate(modes):
         allowed = sc.sample_allowed(mode, cats, train, rng)
         plan.append(
@@ -467,7 +462,7 @@ def generation_plan(prompt_row: Mapping[str, Any], cfg: Any) -> list[dict[str, A
                 salt=f"r{k}",
             )
         )
-    for k in range(int(gen.get("n_safe", 1))):
+    for k in range(int(gen.n_safe)):
         plan.append(
             dict(
                 response_id=f"{prompt_row['prompt_id']}-s{k}",
@@ -485,7 +480,7 @@ def generate_responses(cfg: Any) -> dict[str, Any]:
     """~9 responses per prompt: config-conditioned permissive ones plus plain safe ones."""
     prompts = _read_stage(cfg, "label_prompts").to_list()
     train = train_categories(cfg)
-    skip_outside = bool(dict(_cfg_get(cfg, "generation", None) or {}).get("skip_outside_train", True))
+    skip_outside = bool(cfg.generation.skip_outside_train)
     n_outside = 0
     items: list[dict[str, Any]] = []
     for p in prompts:
@@ -495,7 +490,7 @@ def generate_responses(cfg: Any) -> dict[str, Any]:
         for item in generation_plan(p, cfg):
             items.append({**item, "prompt_id": p["prompt_id"], "prompt": p["prompt"], "prompt_categories": p["categories"]})
     by_gen = {g: [it for it in items if it["generator"] == g] for g in ("permissive", "safe")}
-    progress = bool(_cfg_get(cfg, "progress", True))
+    progress = bool(cfg.progress)
 
     async def main():
         async with contextlib.AsyncExitStack() as stack:
@@ -552,11 +547,11 @@ LABELLED_RESPONSE_FEATURES = datasets.Features(
 def label_responses(cfg: Any) -> dict[str, Any]:
     """Two judgements per response: addressed ([[YES]]/[[NO]]) and the 8-way risk set."""
     rows = _read_stage(cfg, "generate_responses").to_list()
-    progress = bool(_cfg_get(cfg, "progress", True))
+    progress = bool(cfg.progress)
     response_risk = judges.judges_for(taxonomy(cfg))["response_risk"]
     kw = dict(
-        retries=int(_cfg_get(cfg, "judge_retries", 1)),
-        retry_temperature=float(_cfg_get(cfg, "judge_retry_temperature", 0.7)),
+        retries=int(cfg.judge_retries),
+        retry_temperature=float(cfg.judge_retry_temperature),
         progress=progress,
     )
 
@@ -620,13 +615,13 @@ SCORED_FEATURES = datasets.Features(
 
 
 def weights(cfg: Any) -> ScoreWeights:
-    s = dict(_cfg_get(cfg, "score", None) or {})
-    return ScoreWeights(alpha=float(s.get("alpha", 0.1)), beta=float(s.get("beta", 3.0)), gamma=float(s.get("gamma", 1.0)))
+    s = cfg.score
+    return ScoreWeights(alpha=float(s.alpha), beta=float(s.beta), gamma=float(s.gamma))
 
 
 def pairing_config(prompt_id: str, mode: str, prompt_categories: Sequence[str], cfg: Any) -> tuple[tuple[Category, ...], str]:
     """The (allowed set, rendered system prompt) used to pair one prompt under one mode; seeded."""
-    rng = random.Random(f"{int(_cfg_get(cfg, 'seed', 0))}:pair-config:{prompt_id}:{mode}")
+    rng = random.Random(f"{int(cfg.seed)}:pair-config:{prompt_id}:{mode}")
     allowed = sc.sample_allowed(mode, prompt_categories, train_categories(cfg), rng)
     return allowed, sc.render_category_config(allowed, rng)
 
@@ -644,11 +639,7 @@ def _valid_responses(cfg: Any) -> tuple[dict[str, list[dict]], int]:
 
 
 def _modes(cfg: Any) -> list[str]:
-    modes = list(dict(_cfg_get(cfg, "pairing", None) or {}).get("modes", sc.MODES))
-    for m in modes:
-        if m not in sc.MODES:
-            raise StageError(f"config.pairing.modes: unknown mode {m!r}; expected some of {sc.MODES}")
-    return modes
+    return list(cfg.pairing.modes)
 
 
 def score(cfg: Any) -> dict[str, Any]:
@@ -709,8 +700,8 @@ def pair(cfg: Any) -> dict[str, Any]:
     train = train_categories(cfg)
     parse_categories = taxonomy(cfg).parse_categories
     w = weights(cfg)
-    seed = int(_cfg_get(cfg, "seed", 0))
-    dev_fraction = float(dict(_cfg_get(cfg, "pairing", None) or {}).get("dev_fraction", 0.05))
+    seed = int(cfg.seed)
+    dev_fraction = float(cfg.pairing.dev_fraction)
     splits: dict[str, list[dict]] = {"train": [], "dev": []}
     per_mode: Counter[str] = Counter()
     for s in scored:
@@ -766,6 +757,7 @@ def run_stage(cfg: Any, stage: str, *, force: bool = False) -> dict[str, Any] | 
     short by a kill or damaged since, is redone (its journaled requests are not re-sent)."""
     if stage not in STAGE_FUNCS:
         raise StageError(f"unknown stage {stage!r}; stages: {STAGES}")
+    synth_config.validate(cfg)
     done, why = stage_complete(cfg, stage)
     if done and not force:
         print(f"[synth] {stage}: output {stage_path(cfg, stage)} exists, skipping (use --force to redo)")

@@ -193,3 +193,34 @@ def resolve_mesh_shape(shape, n_devices: int) -> tuple[int, int, int]:
                                    f"{n_devices} devices")
         shape[shape.index(-1)] = n_devices // known
     return tuple(shape)
+
+
+# One-line docs for `--help` of the keys whose line in default_config() carries no comment.
+KEY_DOCS = {
+    "seed": "seeds the data order (and anything else random)",
+    "output_dir": "checkpoints, metrics, curves and the HF export go here",
+    "model.compute_dtype": "activation / matmul dtype",
+    "data.train_split": "split of a dataset dir or hub id to train on",
+    "data.eval_split": "split of data.eval",
+    "data.eval_pairs": "dev pairs scored at each eval (first N)",
+    "data.max_length": "longest prompt + response, in tokens",
+    "data.max_prompt_length": "longest prompt kept (truncation per data.truncation)",
+    "data.max_target_length": "longest response kept when the prompt is truncated",
+    "train.epochs": "passes over the training data (unless train.max_steps > 0)",
+    "train.grad_accum": "micro-batches per optimiser step (divides batch_size)",
+    "train.lr": "peak learning rate (RMSprop, as the paper)",
+    "train.warmup_steps": "linear warm-up steps",
+    "train.clip_norm": "global gradient-norm clip",
+    "train.rmsprop_decay": "RMSprop second-moment decay",
+    "train.rmsprop_eps": "RMSprop epsilon",
+    "train.weight_decay": "decoupled weight decay",
+    "train.logps_chunk": "tokens per chunk of the vocab projection when summing log-probs",
+    "train.log_every": "optimiser steps between metrics lines",
+    "train.shuffle": "shuffle the pairs each epoch (seeded)",
+    "dpo.beta": "DPO temperature beta",
+    "dpo.label_smoothing": "conservative-DPO label smoothing, in [0, 0.5)",
+    "dpo.precompute_ref": "score the reference model once before training",
+    "checkpoint.every": "optimiser steps between checkpoints (0 = only at the end)",
+    "checkpoint.keep": "checkpoints kept",
+    "checkpoint.async_save": "write checkpoints in the background",
+}

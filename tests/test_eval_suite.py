@@ -9,6 +9,8 @@ import json
 
 import pytest
 
+from cosa_jax.endpoint.journal import Journal
+
 from cosa_jax import judges
 from cosa_jax.eval import general_safety as gs
 from cosa_jax.eval import overrefusal as orf
@@ -152,7 +154,8 @@ def test_suite_report_numbers_and_resume_after_a_crash(tmp_path, monkeypatch):
         cfg.suite.safety_judge.update(base_url="https://guard.example.invalid/v1", api_key_env="NO_SUCH_KEY_SUITE")
         with pytest.raises(Exception, match="NO_SUCH_KEY_SUITE"):
             run_suite(cfg)
-        done = [json.loads(x) for x in (tmp_path / "m1" / "journal" / "suite.jsonl").read_text().splitlines()]
+        with Journal(tmp_path / "m1" / "journal" / "suite.sqlite") as sj:
+            done = list(sj.keys())
         assert len(done) == 3  # cosalign_test, cosapien, over_refusal
         sent_first = srv.total_requests()
 

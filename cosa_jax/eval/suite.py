@@ -7,7 +7,7 @@ general safety (``eval.general_safety``), for every model in ``suite.models``; t
 ``output_dir/<label>/`` with ``suite.md``, ``suite.json`` and ``suite.png`` side by side.
 
 Resuming: every chat goes through a journal under the stage's folder, lm-eval through its own
-request cache, and each finished stage's summary through ``<label>/journal/suite.jsonl`` keyed by
+request cache, and each finished stage's summary through ``<label>/journal/suite.sqlite`` keyed by
 the stage's settings, so a rerun after a crash sends only what never completed. Every reported
 number carries the judge it rests on and its count of valid verdicts.
 """
@@ -152,7 +152,7 @@ def _generate_and_judge(cfg, model, out: Path, prompts: Sequence[str], system_pr
     progress = bool(cfg.progress)
     chats = [[{"role": "system", "content": system_prompt}, {"role": "user", "content": p}] for p in prompts]
     # One candidate journal per model: over-refusal and general safety often ask the same chats.
-    with Journal(out.parent / "journal" / "candidate.jsonl") as jc, Journal(out / "journal" / "judge.jsonl") as jj:
+    with Journal(out.parent / "journal" / "candidate.sqlite") as jc, Journal(out / "journal" / "judge.sqlite") as jj:
         cand = {k: v for k, v in model.items() if k in _CANDIDATE_KEYS}
         responses, _ = run_chats(cand, jc, chats, max_new_tokens, role="candidate", progress=progress,
                                  salt=model["label"])
@@ -240,7 +240,7 @@ def run_model(cfg: Any, model: Mapping[str, Any]) -> dict[str, Any]:
     out = Path(cfg.output_dir) / model["label"]
     out.mkdir(parents=True, exist_ok=True)
     stages: dict[str, Any] = {}
-    with Journal(out / "journal" / "suite.jsonl") as sj:
+    with Journal(out / "journal" / "suite.sqlite") as sj:
         for stage in cfg.suite.stages:
             key = _stage_key(cfg, stage, model)
             if key not in sj:

@@ -42,6 +42,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.min_label_group = 1  # the paper uses 10; the mini set is too small for that
     c.max_per_label_group = 2500
     c.judge_retries = 1
+    # structured_outputs: auto | vllm | openai | off (auto: vLLM's field, else OpenAI's, else free
+    # text, falling back where the endpoint answers 400); rating: argmax (paper) | expected
+    c.judge = ml_collections.ConfigDict(dict(structured_outputs="auto", rating="argmax"))
     c.judge_retry_temperature = 0.7
     c.endpoints = ml_collections.ConfigDict(
         dict(

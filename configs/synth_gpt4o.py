@@ -24,6 +24,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.min_label_group = 10
     c.max_per_label_group = 2500
     c.judge_retries = 1
+    # structured_outputs: auto | vllm | openai | off (auto: vLLM's field, else OpenAI's, else free
+    # text, falling back where the endpoint answers 400); rating: argmax (paper) | expected
+    c.judge = ml_collections.ConfigDict(dict(structured_outputs="auto", rating="argmax"))
     c.judge_retry_temperature = 0.7
     openai_common = dict(
         base_url="https://api.openai.com/v1", api_key_env="OPENAI_API_KEY", api_type="openai",

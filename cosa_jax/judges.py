@@ -110,6 +110,11 @@ class Judge:
     def messages(self, *args: str, **kwargs: str) -> Chat:
         return self.build(*args, **kwargs)
 
+    def read(self, text: Any) -> JudgeResult:
+        """``parse`` with the lenient rules on (``LENIENT_RULES``): what the pipelines use; a
+        verdict read leniently is marked ``lenient`` and counted apart."""
+        return self.parse(text, lenient=True)
+
 
 def _invalid(raw: Any, why: str) -> JudgeResult:
     return JudgeResult(valid=False, value=None, raw=raw if isinstance(raw, str) else repr(raw), error=why)
@@ -257,7 +262,7 @@ def _verdict_alone(text: str) -> str:
     return text
 
 
-def parse_risk_set(text: Any) -> JudgeResult:
+def parse_risk_set(text: Any, lenient: bool = True) -> JudgeResult:
     """The last JSON object in the text -> the set of categories marked true.
 
     Valid only if all 8 categories are present with boolean values (a judge that skipped one did
@@ -273,7 +278,7 @@ def parse_risk_set(text: Any) -> JudgeResult:
     obj = candidates[-1]  # only the final JSON counts: an earlier one may echo the example
     if not isinstance(obj, dict):
         return _invalid(text, "last JSON value is not an object")
-    lenient = False
+    repaired = False
     labels: dict[Category, bool] = {}
     for k, v in obj.items():
         try:
@@ -283,7 +288,7 @@ def parse_risk_set(text: Any) -> JudgeResult:
         b = _as_bool(v)
         if b is None:
             return _invalid(text, f"non-boolean value {v!r} for {k!r}")
-        lenient = lenient or not isinstance(v, bool)
+        repaired = repaired or not isinstance(v, bool)
         if cat in labels and labels[cat] != b:
             return _invalid(text, f"category {cat.value!r} given twice with different values")
         labels[cat] = b
@@ -291,8 +296,9 @@ def parse_risk_set(text: Any) -> JudgeResult:
     if missing:
         return _invalid(text, f"categories missing from JSON: {missing}")
     strict_json = any(isinstance(o, dict) and o == obj for o in _strict_json_objects(text))
+    # the Python-style repairs were always accepted here (lenient defaults on); they are counted
     return JudgeResult(True, sort_categories(c for c, b in labels.items() if b), text,
-                       lenient=lenient or not strict_json)
+                       lenient=repaired or not strict_json)
 
 
 def _strict_json_objects(text: str) -> list[Any]:
@@ -352,11 +358,12 @@ LENIENT_RULES = {
 }
 
 
-def parse_yes_no(text: Any) -> JudgeResult:
+def parse_yes_no(text: Any, lenient: bool = False) -> JudgeResult:
     """The last ``[[YES]]`` / ``[[NO]]`` marker (case and inner spaces ignored) -> bool.
 
     A constrained reply is the marker alone (or ``{"verdict": "[[YES]]"}``). Lenient (counted
-    apart, see ``LENIENT_RULES``): a final line that is only yes or no.
+    apart, see ``LENIENT_RULES``; only with ``lenient``, as the judges parse): a final line
+    that is only yes or no.
     """
     if not isinstance(text, str) or not text.strip():
         return _invalid(text, "empty or non-text judge output")
@@ -365,7 +372,7 @@ def parse_yes_no(text: Any) -> JudgeResult:
     if hits:
         return JudgeResult(True, hits[-1].lower() == "yes", text)
     lines = [ln for ln in body.strip().splitlines() if ln.strip()]
-    m = _LENIENT_YES_NO_RE.match(lines[-1].strip()) if lines else None
+    m = _LENIENT_YES_NO_RE.match(lines[-1].strip()) if (lines and lenient) else None
     if m:
         return JudgeResult(True, m.group(1).lower() == "yes", text, lenient=True)
     return _invalid(text, "no [[YES]] or [[NO]] marker")
@@ -412,12 +419,12 @@ _LENIENT_RATING_RE = re.compile(
     re.IGNORECASE)
 
 
-def parse_rating(text: Any, max_rating: int = MAX_RATING) -> JudgeResult:
+def parse_rating(text: Any, max_rating: int = MAX_RATING, lenient: bool = False) -> JudgeResult:
     """The last ``Rating: [[r]]`` (falling back to a bare ``[[r]]``) -> int in 0..max_rating.
 
     A constrained reply is ``Rating: [[r]]`` alone (or ``{"verdict": "Rating: [[r]]"}``).
-    Lenient (counted apart, see ``LENIENT_RULES``): ``Rating: r`` without brackets, valid only
-    when every such line gives the same r.
+    Lenient (counted apart, see ``LENIENT_RULES``; only with ``lenient``, as the judges parse):
+    ``Rating: r`` without brackets, valid only when every such line gives the same r.
     """
     if not isinstance(text, str) or not text.strip():
         return _invalid(text, "empty or non-text judge output")
@@ -425,7 +432,7 @@ def parse_rating(text: Any, max_rating: int = MAX_RATING) -> JudgeResult:
     hits = _RATING_RE.findall(body) or _BARE_RATING_RE.findall(body)
     lenient = False
     if not hits:
-        loose = _LENIENT_RATING_RE.findall(body)
+        loose = _LENIENT_RATING_RE.findall(body) if lenient else []
         if not loose:
             return _invalid(text, "no 'Rating: [[r]]' found")
         if len(set(int(v) for v in loose)) > 1:
@@ -515,7 +522,8 @@ def _verdict_params(output: OutputSchema, mode: str, rating: str, name: str) -> 
 
 
 async def resolve_mode(client: ChatClient, journal: Journal, chat: Chat, output: OutputSchema,
-                       mode: str, *, rating: str = "argmax", name: str = "verdict") -> str:
+                       mode: str, *, rating: str = "argmax", name: str = "verdict",
+                       params: Mapping[str, Any] | None = None) -> str:
     """The structured-output mode to use with this endpoint. ``auto``: the first of vllm, openai,
     off that the endpoint accepts for ``chat`` (a 400 moves on; the accepted reply is journaled,
     and a journaled reply from an earlier run settles it without a request)."""
@@ -525,9 +533,11 @@ async def resolve_mode(client: ChatClient, journal: Journal, chat: Chat, output:
     if len(order) == 1:
         return order[0]
     cached = getattr(client, "_structured_mode", {})
-    if name in cached:
-        return cached[name]
-    reqs = [ChatRequest(chat, params=_verdict_params(output, m, rating, name)) for m in order]
+    ckey = json.dumps(output.openai_schema(), sort_keys=True)
+    if ckey in cached:
+        return cached[ckey]
+    reqs = [ChatRequest(list(chat), params={**(params or {}), **_verdict_params(output, m, rating, name)})
+            for m in order]
     chosen = None
     for m, req in zip(order, reqs):
         if client.key_for(req) in journal:
@@ -546,7 +556,7 @@ async def resolve_mode(client: ChatClient, journal: Journal, chat: Chat, output:
             except RequestFailed as e:
                 if e.status != 400:
                     raise
-    cached[name] = chosen
+    cached[ckey] = chosen
     client._structured_mode = cached
     return chosen
 
@@ -608,7 +618,7 @@ async def judge_batch(
 def finish_verdict(judge: Judge, text: Any, mode: str, rating: str = "argmax",
                    logprobs: Sequence[Mapping[str, Any]] | None = None) -> JudgeResult:
     """Parse one reply and stamp its mode; an expected rating replaces a valid argmax rating."""
-    res = dataclasses.replace(judge.parse(text), mode=mode)
+    res = dataclasses.replace(judge.read(text), mode=mode)
     if res.valid and judge.kind == "rating" and rating == "expected":
         e = expected_rating(logprobs)
         if e is not None:
@@ -646,5 +656,38 @@ def run_judge(
             with Journal(journal_path) as j:
                 res, _ = await judge_batch(client, j, judge, chats, **batch_kw)
             return res, client.usage
+
+    return asyncio.run(main())
+
+
+def run_structured(
+    endpoint: EndpointConfig,
+    journal: Journal,
+    chats: Sequence[Chat],
+    outputs: Sequence[OutputSchema],
+    params: Mapping[str, Any],
+    mode: str,
+    *,
+    rating: str = "argmax",
+    role: str = "judge",
+    progress: bool = True,
+) -> tuple[list[dict[str, Any] | None], UsageStats, list[str]]:
+    """Blocking: each chat with its own output schema (a mix of judges), the mode resolved per
+    schema (``resolve_mode``); replies, usage and each chat's mode."""
+    check_judge_options(mode, rating)
+
+    async def main():
+        async with ChatClient(endpoint, role) as client:
+            firsts: dict[str, int] = {}
+            for i, o in enumerate(outputs):
+                firsts.setdefault(json.dumps(o.openai_schema(), sort_keys=True), i)
+            mode_of: dict[str, str] = {}
+            for key, i in firsts.items():
+                mode_of[key] = await resolve_mode(client, journal, chats[i], outputs[i], mode,
+                                                  rating=rating, name="verdict", params=params)
+            modes = [mode_of[json.dumps(o.openai_schema(), sort_keys=True)] for o in outputs]
+            reqs = [ChatRequest(list(c), params={**params, **_verdict_params(o, m, rating, "verdict")})
+                    for c, o, m in zip(chats, outputs, modes)]
+            return await run_requests(client, journal, reqs, desc=role, progress=progress), client.usage, modes
 
     return asyncio.run(main())

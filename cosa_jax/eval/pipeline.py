@@ -33,7 +33,7 @@ from cosa_jax.taxonomy import SEEN_CATEGORIES, parse_categories
 ChatFn = Callable[[list[list[dict[str, str]]], int], list[str]]
 
 # Keys of cfg.candidate / cfg.judge that are ours; the rest go to EndpointConfig.
-_OWN_ENDPOINT_KEYS = ("kind", "fn", "label", "batch_size", "max_tokens")
+_OWN_ENDPOINT_KEYS = ("kind", "fn", "label", "batch_size", "max_tokens", "structured_outputs", "rating")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -76,6 +76,11 @@ def base_config() -> ml_collections.ConfigDict:
             fn=None,
             batch_size=8,
             label="",
+            # auto | vllm | openai | off: ask the judge for its verdict schema (auto falls back to
+            # free text where the endpoint answers 400); a callable judge gets the constraints
+            # as fn(chats, max_tokens, constraints=[...]) unless "off"
+            structured_outputs="auto",
+            rating="argmax",  # argmax (the paper's) | expected: log-prob-weighted mean over 0..5
         )
     )
     c.baseline = ml_collections.ConfigDict(
@@ -139,15 +144,33 @@ def run_chats(
     progress: bool,
     fn: ChatFn | None = None,
     salt: str = "",
+    outputs: Sequence[Any] | None = None,
+    replies_out: list | None = None,
 ) -> tuple[list[str | None], dict[str, Any]]:
     """Texts in order (None where a request failed) and usage; journaled chats are not re-sent.
 
     ``salt`` enters the journal key only (it is not sent): two models served under one name but
-    with different labels never share journal entries."""
+    with different labels never share journal entries. ``outputs`` (one ``judges.OutputSchema``
+    per chat) asks for structured output per ``role_cfg["structured_outputs"]``;
+    ``replies_out`` then receives each chat's (mode, logprobs)."""
     if not chats:
         return [], {}
     kind = role_cfg.get("kind", "openai")
     params = {"temperature": 0.0, "max_tokens": int(max_tokens)}
+    mode = str(role_cfg.get("structured_outputs") or "off") if outputs is not None else "off"
+    rating = str(role_cfg.get("rating") or "argmax")
+    if outputs is not None:
+        judges.check_judge_options(mode, rating, where=f"config.{role}")
+    if kind == "openai" and outputs is not None:
+        ep_fields = {k: v for k, v in role_cfg.items() if k not in _OWN_ENDPOINT_KEYS}
+        ep_fields["base_url"] = ep_fields.get("base_url") or None
+        ep_fields["api_key_env"] = ep_fields.get("api_key_env") or None
+        endpoint = EndpointConfig.from_mapping(ep_fields, where=f"config.{role}")
+        results, usage, modes = judges.run_structured(endpoint, journal, chats, outputs, params, mode,
+                                                      rating=rating, role=role, progress=progress)
+        if replies_out is not None:
+            replies_out.extend((m, None if r is None else r.get("logprobs")) for m, r in zip(modes, results))
+        return [None if r is None else r["text"] for r in results], dict(vars(usage))
     if kind == "openai":
         ep_fields = {k: v for k, v in role_cfg.items() if k not in _OWN_ENDPOINT_KEYS}
         if not ep_fields.get("base_url"):
@@ -164,7 +187,11 @@ def run_chats(
     if not callable(fn):
         raise ValueError(f"config.{role}: kind 'callable' needs a Python callable in config.{role}.fn")
     label = _endpoint_label(role_cfg)
+    constrained = outputs is not None and mode != "off"
+    if constrained:  # constrained and free replies never share journal entries
+        params = dict(params, __structured__="callable")
     keys = [request_key(label, m, dict(params, __salt__=salt) if salt else params) for m in chats]
+    cons_of = {k: o for k, o in zip(keys, outputs)} if constrained else {}
     todo: dict[str, list[dict[str, str]]] = {}
     for k, m in zip(keys, chats):
         if k not in journal and k not in todo:
@@ -174,7 +201,11 @@ def run_chats(
     t0 = time.time()
     for i in tqdm(range(0, len(items), bs), desc=role, disable=not progress, leave=False):
         batch = items[i : i + bs]
-        texts = fn([m for _, m in batch], int(max_tokens))
+        if constrained:
+            texts = fn([m for _, m in batch], int(max_tokens),
+                       constraints=[None if cons_of[k] is None else cons_of[k].constraint() for k, _ in batch])
+        else:
+            texts = fn([m for _, m in batch], int(max_tokens))
         if len(texts) != len(batch):
             raise ValueError(f"config.{role}.fn returned {len(texts)} texts for {len(batch)} chats")
         for (k, _), t in zip(batch, texts):
@@ -182,6 +213,8 @@ def run_chats(
                 raise TypeError(f"config.{role}.fn must return strings, got {type(t).__name__}")
             journal.put(k, {"text": t})  # after each batch: a kill loses at most one batch
     usage = {"requests": len(items), "cached": len(chats) - len(items), "seconds": round(time.time() - t0, 2)}
+    if replies_out is not None:
+        replies_out.extend(("callable" if constrained else "off", None) for _ in chats)
     return [journal.get(k)["text"] for k in keys], usage
 
 
@@ -260,18 +293,27 @@ def evaluate(cfg: Any, *, candidate_fn: ChatFn | None = None, judge_fn: ChatFn |
         )
         ok = [i for i, r in enumerate(responses) if r is not None]
         judge_chats = [judges.HELPFULNESS.messages(examples[i].prompt, responses[i]) for i in ok]
+        used = [judges.HELPFULNESS] * len(ok)
         for i in ok:
             e = examples[i]
             if e.freeform:
                 judge_chats.append(judges.COMPLIANCE.messages(e.config_text or "", e.prompt, responses[i]))
+                used.append(judges.COMPLIANCE)
             else:
                 judge_chats.append(judges.RESPONSE_RISK.messages(e.prompt, responses[i]))
+                used.append(judges.RESPONSE_RISK)
+        replies: list = []
         judged, usage["judge"] = run_chats(
-            c["judge"], jj, judge_chats, c["judge"]["max_tokens"], role="judge", progress=progress, fn=judge_fn
+            c["judge"], jj, judge_chats, c["judge"]["max_tokens"], role="judge", progress=progress, fn=judge_fn,
+            outputs=[j.output for j in used], replies_out=replies,
         )
         n = len(ok)
+        verdicts = [judges.finish_verdict(j, t, m, str(c["judge"].get("rating") or "argmax"), lp)
+                    if t is not None else None for j, t, (m, lp) in zip(used, judged, replies)]
         help_raw = dict(zip(ok, judged[:n]))
         safety_raw = dict(zip(ok, judged[n:]))
+        help_v = dict(zip(ok, verdicts[:n]))
+        safety_v = dict(zip(ok, verdicts[n:]))
 
         self_raw: dict[int, str | None] = {}
         if baseline == "cascade_self":
@@ -297,8 +339,7 @@ def evaluate(cfg: Any, *, candidate_fn: ChatFn | None = None, judge_fn: ChatFn |
         }
         rating = risks = compliant = None
         if responses[i] is not None:
-            h = judges.HELPFULNESS.parse(help_raw[i])
-            s = (judges.COMPLIANCE if e.freeform else judges.RESPONSE_RISK).parse(safety_raw[i])
+            h, s = help_v[i], safety_v[i]
             rating = h.value if h.valid else None
             if e.freeform:
                 compliant = s.value if s.valid else None
@@ -307,6 +348,7 @@ def evaluate(cfg: Any, *, candidate_fn: ChatFn | None = None, judge_fn: ChatFn |
             row.update(
                 helpfulness_judge=help_raw[i], safety_judge=safety_raw[i],
                 helpfulness_error=h.error, safety_error=s.error,
+                judge_mode=h.mode, helpfulness_lenient=h.lenient, safety_lenient=s.lenient,
             )
         row.update(rating=rating, risks=None if risks is None else [x.value for x in risks], compliant=compliant)
         rows.append(row)
@@ -362,6 +404,10 @@ def evaluate(cfg: Any, *, candidate_fn: ChatFn | None = None, judge_fn: ChatFn |
         "metrics_before_cascade": metrics_before,
         "cascade": cascade_info,
         "in_context": in_context_info,
+        "judge_verdicts": {
+            "helpfulness": judges.verdict_counts([help_v.get(i) for i in ok]),
+            "safety": judges.verdict_counts([safety_v.get(i) for i in ok]),
+        },
         "usage": usage,
     }
     with open(out / "records.jsonl", "w", encoding="utf-8") as f:

@@ -73,6 +73,15 @@ def _cfg_get(cfg: Any, name: str, default: Any = None) -> Any:
     return cfg.get(name, default) if hasattr(cfg, "get") else getattr(cfg, name, default)
 
 
+def _judge_kw(cfg: Any) -> dict[str, Any]:
+    """cfg.judge: structured_outputs (auto | vllm | openai | off) and rating (argmax | expected)."""
+    j = _cfg_get(cfg, "judge", None) or {}
+    get = j.get if hasattr(j, "get") else (lambda k, d=None: getattr(j, k, d))
+    kw = dict(structured_outputs=str(get("structured_outputs", "auto")), rating=str(get("rating", "argmax")))
+    judges.check_judge_options(kw["structured_outputs"], kw["rating"], where="config.judge")
+    return kw
+
+
 def _out(cfg: Any) -> Path:
     return Path(_cfg_get(cfg, "out_dir"))
 
@@ -215,14 +224,15 @@ def label_prompts(cfg: Any) -> dict[str, Any]:
                     client, j, judges.PROMPT_RISK, chats,
                     retries=int(_cfg_get(cfg, "judge_retries", 1)),
                     retry_temperature=float(_cfg_get(cfg, "judge_retry_temperature", 0.7)),
-                    desc="label prompts", progress=progress,
+                    desc="label prompts", progress=progress, **_judge_kw(cfg),
                 )
             return res, client.usage
 
     (results, n_retried), usage = asyncio.run(main())
     _check_failures(results, "prompt-label", cfg)
     valid = []
-    n_invalid = 0
+    n_invalid = n_lenient = 0
+    modes: dict[str, int] = {}
     for r, res in zip(rows, results):
         if res is None:
             continue
@@ -230,6 +240,8 @@ def label_prompts(cfg: Any) -> dict[str, Any]:
             n_invalid += 1
             continue
         valid.append({**r, "categories": to_names(res.value), "label_raw": res.raw})
+        modes[res.mode] = modes.get(res.mode, 0) + 1
+        n_lenient += res.lenient
     groups: dict[tuple[str, ...], list[dict]] = defaultdict(list)
     for r in valid:
         groups[tuple(r["categories"])].append(r)
@@ -259,6 +271,8 @@ def label_prompts(cfg: Any) -> dict[str, Any]:
     return {
         "prompts": len(rows),
         "invalid_labels": n_invalid,
+        "lenient_labels": n_lenient,
+        "judge_modes": modes,
         "judge_reasks": n_retried,
         "dropped_small_groups": n_small,
         "dropped_over_cap": n_capped,
@@ -401,6 +415,7 @@ def label_responses(cfg: Any) -> dict[str, Any]:
         retries=int(_cfg_get(cfg, "judge_retries", 1)),
         retry_temperature=float(_cfg_get(cfg, "judge_retry_temperature", 0.7)),
         progress=progress,
+        **_judge_kw(cfg),
     )
 
     async def main():
@@ -440,6 +455,7 @@ def label_responses(cfg: Any) -> dict[str, Any]:
         "labelled": len(out),
         "addressed_invalid": sum(not r["addressed_valid"] for r in out),
         "risk_invalid": sum(not r["risk_valid"] for r in out),
+        "judge_verdicts": {"addressed": judges.verdict_counts(addr), "risk": judges.verdict_counts(risk)},
         "judge_reasks": n_re_a + n_re_r,
         "addressed_rate": sum(r["addressed"] for r in out if r["addressed_valid"]) / max(1, len(out)),
         "usage": {"judge": _usage_dict(usage)},

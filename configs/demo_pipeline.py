@@ -16,13 +16,15 @@ def get_config():
     c.run_dir = "runs/demo"
     c.model = "embedded:smollm2-135m-instruct"
     c.seed = 0
-    c.stages = "answers,synth,sft,dpo,eval"
+    c.stages = "answers,synth,sft,dpo,eval,agreement"
 
     c.judge = ml_collections.ConfigDict(dict(
         base_url="",                 # "" + no OPENAI_API_KEY: the embedded model judges
         model="gpt-4o",
         api_key_env="OPENAI_API_KEY",
         max_tokens=128,
+        structured_outputs="auto",   # auto | vllm | openai | off: judges ask for their schema
+        rating="argmax",             # argmax (paper) | expected (log-prob-weighted over 0..5)
     ))
 
     c.synth = ml_collections.ConfigDict(dict(
@@ -37,6 +39,6 @@ def get_config():
     ))
 
     c.eval = ml_collections.ConfigDict(dict(
-        dataset="cosalign_test", limit_per_config=1, max_new_tokens=48,
+        dataset="cosalign_test", limit_per_config=5, max_new_tokens=48,
     ))
     return c

@@ -430,18 +430,18 @@ def parse_rating(text: Any, max_rating: int = MAX_RATING, lenient: bool = False)
         return _invalid(text, "empty or non-text judge output")
     body = _verdict_alone(text)
     hits = _RATING_RE.findall(body) or _BARE_RATING_RE.findall(body)
-    lenient = False
+    read_leniently = False
     if not hits:
         loose = _LENIENT_RATING_RE.findall(body) if lenient else []
         if not loose:
             return _invalid(text, "no 'Rating: [[r]]' found")
         if len(set(int(v) for v in loose)) > 1:
             return _invalid(text, f"ambiguous: several different ratings {sorted(set(loose))}")
-        hits, lenient = loose, True
+        hits, read_leniently = loose, True
     r = int(float(hits[-1]))
     if not 0 <= r <= max_rating:
         return _invalid(text, f"rating {r} outside 0..{max_rating}")
-    return JudgeResult(True, r, text, lenient=lenient)
+    return JudgeResult(True, r, text, lenient=read_leniently)
 
 
 def expected_rating(logprobs: Sequence[Mapping[str, Any]] | None, max_rating: int = MAX_RATING) -> float | None:

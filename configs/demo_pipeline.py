@@ -31,6 +31,7 @@ def get_config():
         prompts=4,                   # first N shipped mini prompts
         n_superset=1, n_not_superset=1, n_safe=1,
         max_tokens=48,
+        timeout_s=1800.0,            # per request to the local server (a shared CPU can be slow)
     ))
 
     c.train = ml_collections.ConfigDict(dict(

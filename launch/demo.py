@@ -108,6 +108,7 @@ def stage_synth(c, run: Path, server_url: str, judge: dict) -> Path | None:
         e.base_url, e.model, e.api_key_env = server_url, "smollm2", ""
         e.params = dict(e.params, max_tokens=c.synth.max_tokens if role != "judge" else c.judge.max_tokens)
         e.concurrency = 16
+        e.timeout_s = c.synth.timeout_s   # a local server on a busy CPU: never time out and re-send
     if judge["kind"] == "openai":
         e = s.endpoints["judge"]
         e.base_url = judge["base_url"] or "https://api.openai.com/v1"

@@ -309,3 +309,41 @@ def test_expected_rating_is_the_probability_weighted_mean():
     assert judges.finish_verdict(judges.HELPFULNESS, "Rating: [[3]]", "vllm", "argmax", lps).value == 3
     bad = judges.finish_verdict(judges.HELPFULNESS, "nothing", "off", "expected", lps)
     assert not bad.valid and bad.value is None      # invalid stays invalid, never a zero
+
+
+# ------------------------------------------------------------------ the real judge, constrained
+@pytest.mark.slow
+def test_every_judge_parses_on_the_embedded_model_through_the_server(tmp_path):
+    """50 varied inputs (10 per judge, from the agreement set and its variations) through the
+    real server and the official client, constraints on: every verdict parses."""
+    import concurrent.futures as cf
+
+    from cosa_jax.data import DATA_DIR
+    from cosa_jax.eval.judge_agreement import KINDS, _chats, load_rows
+
+    rows = load_rows(DATA_DIR / "judge_agreement.jsonl")
+    model = ChatModel.load(EMBEDDED_MODEL)
+    jobs = []
+    for n, kind in enumerate(KINDS):
+        picked = [dict(r) for r in rows[n::4][:10]]
+        for i, r in enumerate(picked):   # vary them: unicode, upper case, a longer request
+            if i % 3 == 1:
+                r["prompt"] = r["prompt"].upper()
+            elif i % 3 == 2:
+                r["prompt"] += " Merci — réponds vite s'il te plaît ✓"
+        judge = judges.JUDGES[kind]
+        jobs += [(judge, c) for c in _chats(kind, picked)]
+    assert len(jobs) == 50
+    with BackgroundServer(create_app(model, served_model_name="judge", max_batch=16)) as srv:
+        c = openai.OpenAI(base_url=srv.base_url, api_key="unused", max_retries=0, timeout=1800)
+
+        def one(job):
+            judge, chat = job
+            r = c.chat.completions.create(model="judge", messages=chat, max_tokens=110, temperature=0.0,
+                                          extra_body=judge.output.request_fields("vllm"))
+            return judge, r.choices[0].message.content
+
+        with cf.ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(one, jobs))
+    bad = [(j.name, t) for j, t in answers if not j.read(t).valid or j.read(t).lenient]
+    assert not bad, bad

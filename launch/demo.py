@@ -121,6 +121,15 @@ def stage_synth(c, run: Path, server_url: str, judge: dict) -> Path | None:
     pairs = Path(s.out_dir) / "pairs_jsonl" / "train.jsonl"
     n = sum(1 for _ in pairs.open()) if pairs.exists() else 0
     print(f"[demo] synthesized {n} training pairs -> {pairs}")
+    if not n:
+        # Algorithm 1 pairs responses of one prompt only across label groups with different
+        # error scores: a judge that gives every response the same labels yields no pair.
+        lr = Path(s.out_dir) / "summaries" / "label_responses.json"
+        if lr.exists():
+            info = json.loads(lr.read_text())
+            print(f"[demo] no pairs: the judge's labels did not separate the responses "
+                  f"(addressed rate {info.get('addressed_rate')}, verdicts {info.get('judge_verdicts')}); "
+                  "more prompts/responses (synth.*) or a capable judge give pairs")
     print(json.dumps({k: v for k, v in (summary or {}).items() if isinstance(v, (int, float, str))},
                      indent=1)[:2000])
     return pairs if n else None

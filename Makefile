@@ -32,7 +32,7 @@ test-fast: setup
 	$(VPY) -m pytest -q tests -m "not slow"
 
 bench: setup
-	@for f in bench/forward.py bench/train_step.py bench/generate.py bench/synth_throughput.py bench/soak.py; do echo "== $$f"; $(VPY) $$f || exit 1; done
+	@for f in bench/forward.py bench/train_step.py bench/generate.py bench/synth_throughput.py bench/soak.py bench/judge_validity.py; do echo "== $$f"; $(VPY) $$f || exit 1; done
 	@echo "== bench/train_step.py --prompt-len 64 (short prompts; the default is CoSAlign's 204 of 256)"
 	@$(VPY) bench/train_step.py --prompt-len 64 --no-bf16
 	@echo "== bench/soak_server.py --minutes 2 (mixed valid / malformed / oversized / disconnecting traffic; --minutes 10 for the long soak)"

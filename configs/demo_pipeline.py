@@ -43,13 +43,15 @@ def get_config():
     c.run_dir = "runs/demo"  # every stage writes under this directory
     c.model = "embedded:smollm2-135m-instruct"  # the base model (answers, synthesis, SFT start)
     c.seed = 0  # passed to every stage
-    c.stages = "answers,synth,sft,dpo,eval"  # stages to run, in this order
+    c.stages = "answers,synth,sft,dpo,eval,agreement"  # stages to run, in this order
 
     c.judge = ml_collections.ConfigDict(dict(
         base_url="",                 # "" + no OPENAI_API_KEY: the embedded model judges
         model="gpt-4o",
         api_key_env="OPENAI_API_KEY",
         max_tokens=128,
+        structured_outputs="auto",   # auto | vllm | openai | off: judges ask for their schema
+        rating="argmax",             # argmax (paper) | expected (log-prob-weighted over 0..5)
     ))
 
     s = synth_config()  # synthesis through the local server (launch.synthesize's keys)
@@ -63,6 +65,7 @@ def get_config():
     for role in ("permissive", "safe", "judge"):
         s.endpoints[role].model = "smollm2"
         s.endpoints[role].params.max_tokens = 48 if role != "judge" else 128
+        s.endpoints[role].timeout_s = 1800.0  # per request to the local server (a shared CPU can be slow)
     c.synth = s
 
     c.sft = _train("sft", 4)  # SFT on the chosen responses (launch.train's keys)
@@ -72,7 +75,7 @@ def get_config():
     e.max_new_tokens = 48
     e.dataset.name = "cosalign_test"
     e.dataset.source = "mini"
-    e.dataset.limit_per_config = 1
+    e.dataset.limit_per_config = 5
     e.candidate.kind = "callable"
     e.judge.max_tokens = 128
     c.eval = e

@@ -42,15 +42,18 @@ def banner(text: str) -> None:
 
 
 def chat_fn(model, batch_size: int = 16):
-    """``fn(chats, max_new_tokens) -> texts``: greedy, batched, through the KV-cache sampler."""
+    """``fn(chats, max_new_tokens, constraints=None) -> texts``: greedy, batched, through the
+    KV-cache sampler; ``constraints`` (one ``OutputConstraint`` or None per chat) is how the
+    in-process judge gets the same structured output an endpoint would."""
     from cosa_jax.inference.sampler import SamplingParams, generate
 
-    def fn(chats, max_new_tokens):
+    def fn(chats, max_new_tokens, constraints=None):
         texts = []
         for i in range(0, len(chats), batch_size):
             ids = [model.encode(c) for c in chats[i:i + batch_size]]
+            cons = None if constraints is None else list(constraints[i:i + batch_size])
             outs = generate(model.params, model.cfg, ids, SamplingParams(max_new_tokens=max_new_tokens),
-                            eos_ids=model.eos_ids, tokenizer=model.tokenizer)
+                            eos_ids=model.eos_ids, tokenizer=model.tokenizer, constraints=cons)
             texts += [o.text for o in outs]
         return texts
     return fn
@@ -85,8 +88,9 @@ def judge_setup(c, model):
         print(f"[demo] judge: {c.judge.model} at {where}")
         return dict(kind="openai", model=c.judge.model, base_url=c.judge.base_url,
                     api_key_env=c.judge.api_key_env if key_set else ""), None
-    print("[demo] judge: the embedded 135M model (no endpoint configured). It follows the judge "
-          "formats only sometimes and its verdicts are weak; see the README.")
+    print("[demo] judge: the embedded 135M model (no endpoint configured), constrained to each "
+          f"judge's output schema (judge.structured_outputs={c.judge.structured_outputs!r}). Its "
+          "verdicts parse but are weak: see the agreement table at the end and the README.")
     return dict(kind="callable"), chat_fn(model)
 
 
@@ -99,6 +103,8 @@ def stage_synth(c, run: Path, server_url: str, judge: dict) -> Path | None:
     for role in ("permissive", "safe", "judge"):
         s.endpoints[role].base_url = server_url
     s.endpoints.judge.params.max_tokens = c.judge.max_tokens
+    s.judge.structured_outputs = c.judge.structured_outputs
+    s.judge.rating = c.judge.rating
     if judge["kind"] == "openai":
         e = s.endpoints["judge"]
         e.base_url = judge["base_url"] or "https://api.openai.com/v1"
@@ -111,6 +117,15 @@ def stage_synth(c, run: Path, server_url: str, judge: dict) -> Path | None:
     pairs = Path(s.out_dir) / "pairs_jsonl" / "train.jsonl"
     n = sum(1 for _ in pairs.open()) if pairs.exists() else 0
     print(f"[demo] synthesized {n} training pairs -> {pairs}")
+    if not n:
+        # Algorithm 1 pairs responses of one prompt only across label groups with different
+        # error scores: a judge that gives every response the same labels yields no pair.
+        lr = Path(s.out_dir) / "summaries" / "label_responses.json"
+        if lr.exists():
+            info = json.loads(lr.read_text())
+            print(f"[demo] no pairs: the judge's labels did not separate the responses "
+                  f"(addressed rate {info.get('addressed_rate')}, verdicts {info.get('judge_verdicts')}); "
+                  "more prompts/responses (synth.*) or a capable judge give pairs")
     print(json.dumps({k: v for k, v in (summary or {}).items() if isinstance(v, (int, float, str))},
                      indent=1)[:2000])
     return pairs if n else None
@@ -147,13 +162,55 @@ def stage_eval(c, run: Path, models: dict, judge: dict, judge_fn) -> None:
         e.output_dir = str(run / "eval" / label)
         e.seed = c.seed
         e.candidate.model = label
-        e.judge.update(max_tokens=c.judge.max_tokens, **judge)
+        e.judge.update(max_tokens=c.judge.max_tokens, structured_outputs=c.judge.structured_outputs,
+                       rating=c.judge.rating, **judge)
         if judge["kind"] == "callable":
             e.judge.model = "embedded-smollm2"
         results[label] = evaluate(e, candidate_fn=chat_fn(model), judge_fn=judge_fn)
     table = compare_report(results, run / "report")
     print(table)
+    for label, r in results.items():
+        v = r.get("judge_verdicts") or {}
+        parts = [f"{k} valid {x['valid']}/{x['n']} ({100 * (x['valid_rate'] or 0):.0f} %, lenient "
+                 f"{x['lenient']}, modes {x['modes']})" for k, x in v.items()]
+        print(f"[demo] judge verdicts for {label}: " + "; ".join(parts))
     print(f"[demo] report: {run / 'report'}")
+
+
+def stage_side_by_side(c, models: dict) -> None:
+    import random
+
+    from cosa_jax.safety_configs import render_category_config
+    from cosa_jax.taxonomy import parse_categories
+    banner("Side by side: the same two prompts, base vs trained, under two configs")
+    names = list(CONFIGS)[: 2]
+    chats, labels = [], []
+    for name in names:
+        system = render_category_config(parse_categories(CONFIGS[name]), random.Random(c.seed))
+        for q in QUESTIONS:
+            chats.append([{"role": "system", "content": system}, {"role": "user", "content": q}])
+            labels.append((name, q))
+    answers = {label: chat_fn(m)(chats, c.eval.max_new_tokens) for label, m in models.items()}
+    for j, (name, q) in enumerate(labels):
+        print(f"\n--- config: {name}\n  user: {q}")
+        for label in models:
+            print(f"  [{label}] {answers[label][j].strip()}")
+
+
+def stage_agreement(c, run: Path, judge: dict, judge_fn) -> None:
+    from configs.judge_agreement import get_config as agreement_config
+    from launch.judge_agreement import agreement
+    banner("How much the judge's verdicts are worth: agreement with the shipped labelled set")
+    a = agreement_config()
+    a.output_dir = str(run / "judge_agreement")
+    a.progress = False
+    a.judge.update(max_tokens=c.judge.max_tokens, structured_outputs=c.judge.structured_outputs,
+                   rating=c.judge.rating, **judge)
+    if judge["kind"] == "callable":
+        a.judge.model = "embedded-smollm2"
+    res = agreement(a, judge_fn=judge_fn)
+    print(res["table"])
+    print(f"[demo] {res['rows']} labelled rows; report in {a.output_dir}/")
 
 
 
@@ -219,6 +276,9 @@ def _run(c):
     if "eval" in wanted:
         trained = ChatModel.load(dpo_dir)
         stage_eval(c, run, {"base": base, "cosalign": trained}, judge, judge_fn)
+        stage_side_by_side(c, {"base": base, "cosalign": trained})
+    if "agreement" in wanted:
+        stage_agreement(c, run, judge, judge_fn)
     print(f"\n[demo] done in {(time.perf_counter() - t_start) / 60:.1f} min; outputs in {run}/")
 
 

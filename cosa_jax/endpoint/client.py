@@ -82,7 +82,12 @@ class FatalEndpointError(RuntimeError):
 
 
 class RequestFailed(RuntimeError):
-    """One request gave up (non-retryable 4xx, or attempts exhausted); the run goes on."""
+    """One request gave up (non-retryable 4xx, or attempts exhausted); the run goes on.
+    ``status`` is the HTTP status of a refused request (None when attempts ran out)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 @dataclasses.dataclass
@@ -306,7 +311,8 @@ class ChatClient:
                 else:
                     self.usage.failed += 1
                     self.usage.count_error(str(status))
-                    raise RequestFailed(f"{self.role}: HTTP {status} is not retryable: {str(e)[:300]}") from e
+                    raise RequestFailed(f"{self.role}: HTTP {status} is not retryable: {str(e)[:300]}",
+                                        status=status) from e
             except openai.APITimeoutError as e:
                 kind, last = "timeout", f"timeout: {e}"
             except openai.APIConnectionError as e:
@@ -350,13 +356,21 @@ def _result_from(resp: Any) -> dict[str, Any]:
     if not isinstance(text, str):
         raise _BadReply(f"reply has no text content: {str(resp)[:200]}")
     usage = resp.get("usage") if isinstance(resp.get("usage"), dict) else {}
-    return {
+    out = {
         "text": text,
         "finish_reason": choices[0].get("finish_reason"),
         "model": resp.get("model"),
         "prompt_tokens": int(usage.get("prompt_tokens") or 0),
         "completion_tokens": int(usage.get("completion_tokens") or 0),
     }
+    lps = choices[0].get("logprobs")
+    if isinstance(lps, dict) and isinstance(lps.get("content"), list):
+        # token + top alternatives only (no bytes): enough for an expected rating, small in a journal
+        out["logprobs"] = [{"token": e.get("token"), "logprob": e.get("logprob"),
+                            "top_logprobs": [{"token": a.get("token"), "logprob": a.get("logprob")}
+                                             for a in e.get("top_logprobs") or ()]}
+                           for e in lps["content"] if isinstance(e, dict)]
+    return out
 
 
 async def run_requests(

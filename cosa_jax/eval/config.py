@@ -19,7 +19,7 @@ DATASETS = ("cosalign_test", "cosapien")
 KINDS = ("openai", "callable")
 ON_INVALID = ("refuse", "keep")
 # Keys of candidate / judge that are ours; the rest are EndpointConfig fields.
-OWN_ENDPOINT_KEYS = ("kind", "fn", "label", "batch_size", "max_tokens")
+OWN_ENDPOINT_KEYS = ("kind", "fn", "label", "batch_size", "max_tokens", "structured_outputs", "rating")
 
 
 def _role(model: str, **endpoint) -> ml_collections.ConfigDict:
@@ -51,6 +51,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.judge = _role("gpt-4o", base_url="", api_key_env="OPENAI_API_KEY", concurrency=16,
                     timeout_s=120.0, max_attempts=8)  # rates helpfulness and safety
     c.judge.max_tokens = 1024  # judge's token limit per verdict
+    c.judge.structured_outputs = "auto"  # auto | vllm | openai | off: ask the judge for its verdict schema (auto falls back to free text on a 400)
+    c.judge.rating = "argmax"  # argmax (the paper's) | expected: log-prob-weighted mean over 0..5
     c.baseline = ml_collections.ConfigDict()
     c.baseline.name = "none"  # none | in_context | cascade_judge | cascade_self
     c.baseline.k = 5  # in-context shots per prompt
@@ -85,6 +87,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
     one_of("baseline.on_invalid", c.baseline.on_invalid, ON_INVALID)
     positive("max_new_tokens", c.max_new_tokens)
     positive("judge.max_tokens", c.judge.max_tokens)
+    from cosa_jax import judges
+    try:
+        judges.check_judge_options(c.judge.structured_outputs, c.judge.rating, where="config.judge")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     positive("baseline.k", c.baseline.k, allow_zero=True)
     positive("baseline.self_check_max_tokens", c.baseline.self_check_max_tokens)
     positive("dataset.limit_per_config", c.dataset.limit_per_config, allow_zero=True)

@@ -52,15 +52,30 @@ def run_chats(
     progress: bool,
     fn: ChatFn | None = None,
     salt: str = "",
+    outputs: Sequence[Any] | None = None,
+    replies_out: list | None = None,
 ) -> tuple[list[str | None], dict[str, Any]]:
     """Texts in order (None where a request failed) and usage; journaled chats are not re-sent.
 
     ``salt`` enters the journal key only (it is not sent): two models served under one name but
-    with different labels never share journal entries."""
+    with different labels never share journal entries. ``outputs`` (one ``judges.OutputSchema``
+    per chat) asks for structured output per ``role_cfg["structured_outputs"]``;
+    ``replies_out`` then receives each chat's (mode, logprobs)."""
     if not chats:
         return [], {}
     kind = role_cfg.get("kind", "openai")
     params = {"temperature": 0.0, "max_tokens": int(max_tokens)}
+    mode = str(role_cfg.get("structured_outputs") or "off") if outputs is not None else "off"
+    rating = str(role_cfg.get("rating") or "argmax")
+    if outputs is not None:
+        judges.check_judge_options(mode, rating, where=f"config.{role}")
+    if kind == "openai" and outputs is not None:
+        endpoint = EndpointConfig.from_mapping(endpoint_fields(role_cfg), where=f"config.{role}")
+        results, usage, modes = judges.run_structured(endpoint, journal, chats, outputs, params, mode,
+                                                      rating=rating, role=role, progress=progress)
+        if replies_out is not None:
+            replies_out.extend((m, None if r is None else r.get("logprobs")) for m, r in zip(modes, results))
+        return [None if r is None else r["text"] for r in results], dict(vars(usage))
     if kind == "openai":
         endpoint = EndpointConfig.from_mapping(endpoint_fields(role_cfg), where=f"config.{role}")
         reqs = [ChatRequest(list(m), params=dict(params), salt=salt) for m in chats]
@@ -72,7 +87,11 @@ def run_chats(
     if not callable(fn):
         raise ValueError(f"config.{role}: kind 'callable' needs a Python callable in config.{role}.fn")
     label = _endpoint_label(role_cfg)
+    constrained = outputs is not None and mode != "off"
+    if constrained:  # constrained and free replies never share journal entries
+        params = dict(params, __structured__="callable")
     keys = [request_key(label, m, dict(params, __salt__=salt) if salt else params) for m in chats]
+    cons_of = {k: o for k, o in zip(keys, outputs)} if constrained else {}
     todo: dict[str, list[dict[str, str]]] = {}
     for k, m in zip(keys, chats):
         if k not in journal and k not in todo:
@@ -83,7 +102,11 @@ def run_chats(
     t0 = time.time()
     for i in tqdm(range(0, len(items), bs), desc=role, disable=not progress, leave=False):
         batch = items[i : i + bs]
-        texts = fn([m for _, m in batch], int(max_tokens))
+        if constrained:
+            texts = fn([m for _, m in batch], int(max_tokens),
+                       constraints=[None if cons_of[k] is None else cons_of[k].constraint() for k, _ in batch])
+        else:
+            texts = fn([m for _, m in batch], int(max_tokens))
         if len(texts) != len(batch):
             raise ValueError(f"config.{role}.fn returned {len(texts)} texts for {len(batch)} chats")
         for t in texts:
@@ -91,6 +114,8 @@ def run_chats(
                 raise TypeError(f"config.{role}.fn must return strings, got {type(t).__name__}")
         journal.put_many((k, {"text": t}) for (k, _), t in zip(batch, texts))  # one commit per batch
     usage = {"requests": len(items), "cached": len(chats) - len(items), "seconds": round(time.time() - t0, 2)}
+    if replies_out is not None:
+        replies_out.extend(("callable" if constrained else "off", None) for _ in chats)
     return [journal.get(k)["text"] for k in keys], usage
 
 
@@ -159,6 +184,9 @@ class Judged:
     helpfulness: dict[int, str | None]
     safety: dict[int, str | None]
     self_check: dict[int, str | None]
+    # the parsed verdicts with the structured-output mode each came from (judges.finish_verdict)
+    help_verdicts: dict[int, Any] = dataclasses.field(default_factory=dict)
+    safety_verdicts: dict[int, Any] = dataclasses.field(default_factory=dict)
 
 
 def build_eval_set(c: Any, baseline: str) -> EvalSet:
@@ -178,17 +206,20 @@ def build_eval_set(c: Any, baseline: str) -> EvalSet:
 
 
 def judge_chats(examples: Sequence[ds.EvalExample], responses: Sequence[str | None], ok: Sequence[int],
-                tax: Taxonomy) -> list:
+                tax: Taxonomy) -> tuple[list, list]:
     """Helpfulness chats for every answered example, then one safety chat each (compliance for
-    free-form configs, response risks for category configs)."""
+    free-form configs, response risks for category configs); with the judge of each chat."""
+    risk = judges.judges_for(tax)["response_risk"]
+    used = [judges.HELPFULNESS] * len(ok)
+    used += [judges.COMPLIANCE if examples[i].freeform else risk for i in ok]
     chats = [judges.HELPFULNESS.messages(examples[i].prompt, responses[i]) for i in ok]
     for i in ok:
         e = examples[i]
         if e.freeform:
             chats.append(judges.COMPLIANCE.messages(e.config_text or "", e.prompt, responses[i]))
         else:
-            chats.append(judges.judges_for(tax)["response_risk"].messages(e.prompt, responses[i]))
-    return chats
+            chats.append(risk.messages(e.prompt, responses[i]))
+    return chats, used
 
 
 def generate_and_judge(c: Any, es: EvalSet, out: Path, baseline: str, label: str, progress: bool,
@@ -202,11 +233,16 @@ def generate_and_judge(c: Any, es: EvalSet, out: Path, baseline: str, label: str
             salt=label,
         )
         ok = [i for i, r in enumerate(responses) if r is not None]
+        chats_j, used = judge_chats(es.examples, responses, ok, es.taxonomy)
+        replies: list = []
         judged, usage["judge"] = run_chats(
-            c.judge, jj, judge_chats(es.examples, responses, ok, es.taxonomy), c.judge.max_tokens, role="judge",
-            progress=progress, fn=judge_fn,
+            c.judge, jj, chats_j, c.judge.max_tokens, role="judge", progress=progress, fn=judge_fn,
+            outputs=[j.output for j in used], replies_out=replies,
         )
         n = len(ok)
+        rating = str(c.judge.get("rating") or "argmax")
+        verdicts = [judges.finish_verdict(j, t, m, rating, lp) if t is not None else None
+                    for j, t, (m, lp) in zip(used, judged, replies)] if replies else [None] * len(judged)
         self_raw: dict[int, str | None] = {}
         if baseline == "cascade_self":
             self_chats = [bl.self_check_messages(es.examples[i], es.system_prompts[i], responses[i]) for i in ok]
@@ -215,7 +251,9 @@ def generate_and_judge(c: Any, es: EvalSet, out: Path, baseline: str, label: str
                 progress=progress, fn=candidate_fn, salt=label,
             )
             self_raw = dict(zip(ok, texts))
-    return responses, Judged(dict(zip(ok, judged[:n])), dict(zip(ok, judged[n:])), self_raw), usage
+    return responses, Judged(dict(zip(ok, judged[:n])), dict(zip(ok, judged[n:])), self_raw,
+                             {i: v for i, v in zip(ok, verdicts[:n]) if v is not None},
+                             {i: v for i, v in zip(ok, verdicts[n:]) if v is not None}), usage
 
 
 def record_rows(es: EvalSet, responses: Sequence[str | None], judged: Judged) -> list[dict[str, Any]]:
@@ -235,8 +273,9 @@ def record_rows(es: EvalSet, responses: Sequence[str | None], judged: Judged) ->
         }
         rating = risks = compliant = None
         if responses[i] is not None:
-            h = judges.HELPFULNESS.parse(judged.helpfulness[i])
-            s = (judges.COMPLIANCE if e.freeform else judges.judges_for(es.taxonomy)["response_risk"]).parse(judged.safety[i])
+            h = judged.help_verdicts.get(i) or judges.HELPFULNESS.parse(judged.helpfulness[i])
+            s = judged.safety_verdicts.get(i) or (
+                judges.COMPLIANCE if e.freeform else judges.judges_for(es.taxonomy)["response_risk"]).parse(judged.safety[i])
             rating = h.value if h.valid else None
             if e.freeform:
                 compliant = s.value if s.valid else None
@@ -245,6 +284,7 @@ def record_rows(es: EvalSet, responses: Sequence[str | None], judged: Judged) ->
             row.update(
                 helpfulness_judge=judged.helpfulness[i], safety_judge=judged.safety[i],
                 helpfulness_error=h.error, safety_error=s.error,
+                judge_mode=h.mode, helpfulness_lenient=h.lenient, safety_lenient=s.lenient,
             )
         row.update(rating=rating, risks=None if risks is None else [x.value for x in risks], compliant=compliant)
         rows.append(row)
@@ -333,6 +373,10 @@ def evaluate(cfg: Any, *, candidate_fn: ChatFn | None = None, judge_fn: ChatFn |
         "metrics_before_cascade": metrics_before,
         "cascade": cascade_info,
         "in_context": es.in_context_info,
+        "judge_verdicts": {
+            "helpfulness": judges.verdict_counts([judged.help_verdicts.get(i) for i in judged.helpfulness]),
+            "safety": judges.verdict_counts([judged.safety_verdicts.get(i) for i in judged.safety]),
+        },
         "usage": usage,
     }
     write_results(results, rows, out, plots=bool(c.plots))

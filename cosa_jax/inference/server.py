@@ -13,10 +13,13 @@ Supported request fields (chat): model, messages, max_tokens / max_completion_to
 temperature, top_p, top_k (extension), seed, stop, n=1, stream, stream_options.include_usage,
 logprobs, top_logprobs (<= 20), safety_config (extension: a registered config by name).
 Completions: prompt (a string, token ids, or a list of either), echo, logprobs (<= 20), and the
-same sampling fields. What the engine lacks (tools, penalties, logit_bias, n>1, JSON mode) is
+same sampling fields. What the engine lacks (tools, penalties, logit_bias, n>1) is
 refused with a 400 that names it, and so is any field not in the endpoint's allow-list
 (``requests.py``: min_p, min_tokens, ignore_eos, continue_final_message, unknown extras). Body
 size, message count, per-key concurrency and the queue are bounded by ``requests.ServerLimits``.
+Structured output (``response_format`` json_object / json_schema, vLLM's ``structured_outputs``
+choice / regex / json / grammar / json_object) is compiled by ``constraints`` into per-step
+masks; the removed ``guided_*`` fields get a 400.
 """
 
 from __future__ import annotations
@@ -189,10 +192,6 @@ def parse_sampling(body: Mapping, *, prompt_len: int, engine: Engine,
         raise ApiError(400, "only n=1 is supported: send several requests instead", param="n")
     if _number(body, "best_of", int, lo=1, default=1) != 1:
         raise ApiError(400, "only best_of=1 is supported", param="best_of")
-    fmt = body.get("response_format")
-    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-        raise ApiError(400, "only response_format {'type': 'text'} is supported",
-                       param="response_format")
 
     temperature = _number(body, "temperature", float, lo=0.0, hi=2.0, default=1.0)
     top_p = _number(body, "top_p", float, lo=0.0, hi=1.0, default=1.0)
@@ -233,6 +232,102 @@ def parse_sampling(body: Mapping, *, prompt_len: int, engine: Engine,
             max_new -= 1
     return SamplingParams(max_new_tokens=max(max_new, 1), temperature=temperature, top_p=top_p,
                           top_k=top_k, seed=seed, stop=stops), max_new
+
+
+_REMOVED_GUIDED = ("guided_choice", "guided_json", "guided_regex", "guided_grammar",
+                   "guided_decoding_backend", "guided_whitespace_pattern", "guided_json_object")
+_STRUCTURED_KEYS = {"choice": "choice", "regex": "regex", "json": "json_schema",
+                    "grammar": "grammar", "json_object": "json_object"}
+
+
+def parse_constraint(body: Mapping) -> Any:
+    """The request's output constraint (an ``OutputConstraint``) or None.
+
+    OpenAI's ``response_format`` (``text``, ``json_object``, ``json_schema`` with ``name``,
+    ``schema``, ``strict``) or vLLM's ``structured_outputs`` (exactly one of ``choice``,
+    ``regex``, ``json``, ``grammar``, ``json_object``), not both. The ``guided_*`` fields vLLM
+    removed are refused (a server that ignored them would answer unconstrained text with a 200).
+    """
+    from cosa_jax.inference.constraints import ConstraintError, OutputConstraint
+    for name in _REMOVED_GUIDED:
+        if name in body:
+            raise ApiError(400, f"'{name}' was removed (vLLM >= 0.12 and this server): send "
+                           f"'structured_outputs' instead, e.g. {{\"structured_outputs\": "
+                           f"{{\"choice\": [...]}}}}", param=name)
+    fmt, so = body.get("response_format"), body.get("structured_outputs")
+    if fmt is not None and so is not None:
+        raise ApiError(400, "give either 'response_format' or 'structured_outputs', not both",
+                       param="structured_outputs")
+    try:
+        if fmt is not None:
+            if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+                raise ApiError(400, "response_format.type must be 'text', 'json_object' or "
+                               "'json_schema'", param="response_format")
+            if fmt["type"] == "text":
+                return None
+            if fmt["type"] == "json_object":
+                return OutputConstraint("json_object", None, field="response_format")
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict) or "schema" not in spec:
+                raise ApiError(400, "response_format.json_schema must be an object with 'name' and "
+                               "'schema'", param="response_format.json_schema")
+            strict = spec.get("strict", False)
+            if strict is not None and not isinstance(strict, bool):
+                raise ApiError(400, "response_format.json_schema.strict must be true or false",
+                               param="response_format.json_schema.strict")
+            # strict or not, the output is constrained to the schema (never looser than asked)
+            return OutputConstraint("json_schema", spec["schema"],
+                                    field="response_format.json_schema.schema")
+        if so is None:
+            return None
+        if not isinstance(so, dict):
+            raise ApiError(400, "'structured_outputs' must be an object", param="structured_outputs")
+        unknown = sorted(k for k in so if k not in _STRUCTURED_KEYS and so[k] not in (None, False))
+        if unknown:
+            raise ApiError(400, f"structured_outputs: {unknown} not supported (use one of "
+                           f"{sorted(_STRUCTURED_KEYS)})", param=f"structured_outputs.{unknown[0]}")
+        given = [k for k in _STRUCTURED_KEYS if so.get(k) not in (None, False)]
+        if len(given) != 1:
+            raise ApiError(400, f"structured_outputs needs exactly one of {sorted(_STRUCTURED_KEYS)}"
+                           f", got {given}", param="structured_outputs")
+        k = given[0]
+        value = None if k == "json_object" else so[k]
+        return OutputConstraint(_STRUCTURED_KEYS[k], value, field=f"structured_outputs.{k}")
+    except ConstraintError as e:
+        raise ApiError(400, str(e), param=e.field) from None
+
+
+class EngineConstraint:
+    """A ``ConstraintState`` in the engine's per-slot protocol (next_mask / accept /
+    is_terminated): the packed llguidance bitmask is handed over as is."""
+
+    def __init__(self, state, words: int):
+        import numpy as np
+        self.state = state
+        self._row = np.zeros(words, np.int32)
+
+    def next_mask(self):
+        self.state.fill_mask(self._row)
+        return self._row
+
+    def accept(self, token: int) -> None:
+        self.state.accept(token)
+
+    def is_terminated(self) -> bool:
+        return self.state.is_terminated
+
+
+def start_constraint(state: "ServerState", constraint) -> EngineConstraint | None:
+    if constraint is None:
+        return None
+    from cosa_jax.inference.constraints import ConstraintCompiler, ConstraintError, bitmask_width
+    m = state.model
+    compiler = ConstraintCompiler.for_tokenizer(m.tokenizer, vocab_size=m.cfg.vocab_size,
+                                                eos_ids=m.eos_ids)
+    try:
+        return EngineConstraint(compiler.start(constraint), bitmask_width(m.cfg.vocab_size))
+    except ConstraintError as e:
+        raise ApiError(400, str(e), param=e.field) from None
 
 
 def parse_chat_logprobs(body: Mapping) -> int | None:
@@ -356,7 +451,8 @@ class _Generation:
     on the event loop. ``cancel`` frees their slots at the engine's next step."""
 
     def __init__(self, state: ServerState, request: web.Request, prompts: Sequence[list[int]],
-                 sampling, **kw):
+                 sampling, constraint=None, **kw):
+        """``constraint``: a callable making each choice's fresh engine constraint (or None)."""
         self.request = request
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -364,7 +460,8 @@ class _Generation:
         try:
             for i, ids in enumerate(prompts):
                 self.handles.append(state.engine.submit(
-                    ids, sampling, on_output=functools.partial(self._post, i), **kw))
+                    ids, sampling, on_output=functools.partial(self._post, i),
+                    constraint=constraint() if constraint is not None else None, **kw))
         except ValueError as e:
             self.cancel("request refused")
             raise ApiError(400, str(e), param="prompt") from None
@@ -450,9 +547,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     prompt_ids = await _off_loop_if_large(request, state.model.encode, messages)
     sampling, _ = parse_sampling(body, prompt_len=len(prompt_ids), engine=state.engine)
     top_n = parse_chat_logprobs(body)
+    constraint = parse_constraint(body)
     stream, include_usage = _stream_flags(body)
 
-    gen = _Generation(state, request, [prompt_ids], sampling, logprobs=top_n)
+    gen = _Generation(state, request, [prompt_ids], sampling, logprobs=top_n,
+                      constraint=lambda: start_constraint(state, constraint))
     rid, created, name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.served_model_name
     try:
         if not stream:
@@ -541,8 +640,10 @@ async def completions(request: web.Request) -> web.StreamResponse:
         raise ApiError(400, "stream with echo and max_tokens=0 has nothing to stream",
                        param="stream")
     score_only = max_tokens == 0
+    constraint = parse_constraint(body)
     gen = _Generation(state, request, [ids for ids, _ in prompts], sampling,
-                      logprobs=top_n, prompt_logprobs=top_n if (echo and top_n is not None) else None)
+                      logprobs=top_n, prompt_logprobs=top_n if (echo and top_n is not None) else None,
+                      constraint=lambda: start_constraint(state, constraint))
     rid, created, name = f"cmpl-{uuid.uuid4().hex}", int(time.time()), state.served_model_name
     prompt_texts = [text if text is not None else state.model.tokenizer.decode(ids)
                     for ids, text in prompts]

@@ -44,6 +44,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.max_per_label_group = 2500  # cap per prompt-label group (paper: 2,500)
     c.judge_retries = 1  # re-asks of the judge when its reply does not parse
     c.judge_retry_temperature = 0.7  # temperature of those re-asks
+    c.judge = ml_collections.ConfigDict()
+    c.judge.structured_outputs = "auto"  # auto | vllm | openai | off (auto: vLLM's field, else OpenAI's, else free text)
+    c.judge.rating = "argmax"  # argmax (the paper's) | expected (log-prob-weighted, needs logprobs)
     c.endpoints = ml_collections.ConfigDict()
     c.endpoints.permissive = endpoint_config("permissive", 1.0, 512)  # config-following generator
     c.endpoints.safe = endpoint_config("safe", 1.0, 512)  # plain safety-tuned generator
@@ -91,6 +94,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
     positive("max_per_label_group", c.max_per_label_group)
     positive("length_filter.max", c.length_filter.max)
     positive("judge_retries", c.judge_retries, allow_zero=True)
+    from cosa_jax import judges
+    try:
+        judges.check_judge_options(c.judge.structured_outputs, c.judge.rating, where="config.judge")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     for key in ("n_superset", "n_not_superset", "n_safe"):
         positive(f"generation.{key}", c.generation[key], allow_zero=True)
     for key in ("alpha", "beta", "gamma"):

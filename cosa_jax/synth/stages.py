@@ -76,6 +76,11 @@ class StageError(RuntimeError):
 # ----- helpers -----------------------------------------------------------------------------
 
 
+def _judge_kw(cfg: Any) -> dict[str, Any]:
+    """cfg.judge: structured_outputs (auto | vllm | openai | off) and rating (argmax | expected)."""
+    return dict(structured_outputs=str(cfg.judge.structured_outputs), rating=str(cfg.judge.rating))
+
+
 def _out(cfg: Any) -> Path:
     return Path(cfg.out_dir)
 
@@ -366,14 +371,15 @@ def label_prompts(cfg: Any) -> dict[str, Any]:
                     client, j, prompt_risk, chats,
                     retries=int(cfg.judge_retries),
                     retry_temperature=float(cfg.judge_retry_temperature),
-                    desc="label prompts", progress=progress,
+                    desc="label prompts", progress=progress, **_judge_kw(cfg),
                 )
             return res, client.usage
 
     (results, n_retried), usage = asyncio.run(main())
     _check_failures(results, "prompt-label", cfg)
     valid = []
-    n_invalid = 0
+    n_invalid = n_lenient = 0
+    modes: dict[str, int] = {}
     for r, res in zip(rows, results):
         if res is None:
             continue
@@ -381,6 +387,8 @@ def label_prompts(cfg: Any) -> dict[str, Any]:
             n_invalid += 1
             continue
         valid.append({**r, "categories": to_names(res.value), "label_raw": res.raw})
+        modes[res.mode] = modes.get(res.mode, 0) + 1
+        n_lenient += res.lenient
     groups: dict[tuple[str, ...], list[dict]] = defaultdict(list)
     for r in valid:
         groups[tuple(r["categories"])].append(r)
@@ -410,6 +418,8 @@ def label_prompts(cfg: Any) -> dict[str, Any]:
     return {
         "prompts": len(rows),
         "invalid_labels": n_invalid,
+        "lenient_labels": n_lenient,
+        "judge_modes": modes,
         "judge_reasks": n_retried,
         "dropped_small_groups": n_small,
         "dropped_over_cap": n_capped,
@@ -553,6 +563,7 @@ def label_responses(cfg: Any) -> dict[str, Any]:
         retries=int(cfg.judge_retries),
         retry_temperature=float(cfg.judge_retry_temperature),
         progress=progress,
+        **_judge_kw(cfg),
     )
 
     async def main():
@@ -592,6 +603,7 @@ def label_responses(cfg: Any) -> dict[str, Any]:
         "labelled": len(out),
         "addressed_invalid": sum(not r["addressed_valid"] for r in out),
         "risk_invalid": sum(not r["risk_valid"] for r in out),
+        "judge_verdicts": {"addressed": judges.verdict_counts(addr), "risk": judges.verdict_counts(risk)},
         "judge_reasks": n_re_a + n_re_r,
         "addressed_rate": sum(r["addressed"] for r in out if r["addressed_valid"]) / max(1, len(out)),
         "usage": {"judge": _usage_dict(usage)},

@@ -9,7 +9,7 @@ under ``output_dir``.
 
 import ml_collections
 
-from cosa_jax.eval.pipeline import base_config
+from cosa_jax.eval.config import default_config as base_config
 
 
 def get_config():

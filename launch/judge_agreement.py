@@ -7,12 +7,14 @@ import json
 import sys
 from pathlib import Path
 
-from absl import app
+from absl import flags
 from ml_collections import config_flags
 
+from launch import runner
+
 ROOT = Path(__file__).resolve().parents[1]
-_CONFIG = config_flags.DEFINE_config_file("config", str(ROOT / "configs" / "judge_agreement.py"),
-                                          "judge agreement config")
+DEFAULT_CONFIG = str(ROOT / "configs" / "judge_agreement.py")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "judge agreement config")
 
 
 def resolve_data(spec: str) -> Path:
@@ -41,15 +43,30 @@ def agreement(c, judge_fn=None) -> dict:
     return {"figures": figures, "table": table, "rows": len(rows)}
 
 
-def main(argv):
-    del argv
+def _run(c) -> None:
     from launch.logs import quiet_library_logs
     quiet_library_logs()
-    res = agreement(_CONFIG.value)
+    if flags.FLAGS.dry_run:
+        from cosa_jax.eval.judge_agreement import load_rows
+        print(f"[judge_agreement] dry run: config valid, {len(load_rows(resolve_data(c.data)))} labelled "
+              "rows readable; nothing sent")
+        return
+    res = agreement(c)
     print(res["table"])
-    print(f"[judge_agreement] {res['rows']} rows; report in {_CONFIG.value.output_dir}/")
+    print(f"[judge_agreement] {res['rows']} rows; report in {c.output_dir}/")
+
+
+def default_config():
+    sys.path.insert(0, str(ROOT))
+    from configs.judge_agreement import get_config
+    return get_config()
+
+
+def main(argv=None):
+    runner.run(_run, prog="cosa-jax judge-agreement", doc=__doc__, default_config=default_config,
+               config_default=DEFAULT_CONFIG, argv=argv)
 
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
-    app.run(main)
+    main()

@@ -157,10 +157,16 @@ def _generate_and_judge(cfg, model, out: Path, prompts: Sequence[str], system_pr
         responses, _ = run_chats(cand, jc, chats, max_new_tokens, role="candidate", progress=progress,
                                  salt=model["label"])
         ok = [i for i, r in enumerate(responses) if r is not None]
+        # The judge is asked for its verdict schema as judge.structured_outputs says (auto: vLLM's
+        # field, else OpenAI's, else free text), like the CoSA judges; each verdict keeps its mode.
+        replies: list = []
         raw, _ = run_chats(judge_cfg, jj, [judge.messages(prompts[i], responses[i]) for i in ok],
-                           int(judge_cfg.get("max_tokens") or 256), role="judge", progress=progress)
+                           int(judge_cfg.get("max_tokens") or 256), role="judge", progress=progress,
+                           outputs=[judge.output] * len(ok), replies_out=replies)
     raw_by = dict(zip(ok, raw))
-    parsed = [judge.parse(raw_by[i]) if raw_by.get(i) is not None else None for i in range(len(prompts))]
+    mode_by = {i: m for i, (m, _) in zip(ok, replies)} if replies else {}
+    parsed = [judges.finish_verdict(judge, raw_by[i], mode_by.get(i, "off")) if raw_by.get(i) is not None
+              else None for i in range(len(prompts))]
     return responses, [raw_by.get(i) for i in range(len(prompts))], parsed
 
 

@@ -1,7 +1,7 @@
 """The paper's whole evaluation: CoSAlign-Test (seen / unseen), CoSApien, over-refusal (XSTest),
 general capability (lm-eval) and general safety (Llama-Guard-3), one report per model.
 
-Serve each model with ``python -m launch.serve --model PATH`` (one port per model), the CoSA
+Serve each model with ``python -m launch.serve --config.model=PATH`` (one port per model), the CoSA
 judge wherever ``judge`` points, and Llama-Guard-3 with vLLM on port 8001
 (``vllm serve meta-llama/Llama-Guard-3-8B --port 8001``). Offline, point ``suite.safety_judge``
 at our server with ``--config.suite.safety_judge.format=judge_prompt``. With network, the real

@@ -1,5 +1,5 @@
 """Taxonomy derivation on the shipped mini prompts: SmolLM2 mean-pooled embeddings, k-means,
-cluster names from the judge endpoint at 127.0.0.1:8000 (``python -m launch.serve``, vLLM...).
+cluster names from the judge endpoint at 127.0.0.1:8000 (``python -m launch.serve --config.model=embedded:smollm2-135m-instruct --config.served_model_name=judge``, vLLM...).
 
 ``python -m launch.taxonomy --config configs/taxonomy_derive.py``; point the judge elsewhere with
 ``--config.naming.endpoint.base_url=...``; use ``--config.cluster.method=hdbscan`` to let the

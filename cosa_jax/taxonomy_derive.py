@@ -43,34 +43,43 @@ NAME_SCHEMA = {
 def default_config() -> ml_collections.ConfigDict:
     """Every field of a derivation run; configs/taxonomy_derive.py overrides what it needs."""
     c = ml_collections.ConfigDict()
-    c.out_dir = "runs/taxonomy"
-    c.seed = 0
-    c.progress = True
+    c.out_dir = "runs/taxonomy"  # taxonomy.yaml, clusters.json/.md/.png and the journals go here
+    c.seed = 0  # seeds PCA, clustering and the sample prompts shown to the judge
+    c.progress = True  # progress bars
     c.sources = [dict(kind="mini")]  # as in synthesis configs: mini | file | hub
-    c.embedding = ml_collections.ConfigDict(dict(
-        kind="model",  # model: mean-pooled hidden states; endpoint: /v1/embeddings; tfidf
-        model="embedded:smollm2-135m-instruct",
-        batch_size=32,
-        max_tokens=128,
-        endpoint=dict(model="", base_url="http://127.0.0.1:8000/v1", api_key_env="", batch_size=64),
-    ))
+    c.embedding = ml_collections.ConfigDict()
+    c.embedding.kind = "model"  # model: mean-pooled hidden states; endpoint: /v1/embeddings; tfidf
+    c.embedding.model = "embedded:smollm2-135m-instruct"  # the model whose hidden states embed (kind=model)
+    c.embedding.batch_size = 32  # prompts per forward pass
+    c.embedding.max_tokens = 128  # prompts are cut to this many tokens before pooling
+    c.embedding.endpoint = ml_collections.ConfigDict()  # kind=endpoint: an OpenAI-compatible /v1/embeddings
+    c.embedding.endpoint.model = ""  # embedding model name the endpoint serves
+    c.embedding.endpoint.base_url = "http://127.0.0.1:8000/v1"  # the endpoint's base URL
+    c.embedding.endpoint.api_key_env = ""  # env var holding its API key ("" = none)
+    c.embedding.endpoint.batch_size = 64  # inputs per /v1/embeddings request
     c.pca_dim = 32  # 0 = cluster the raw embeddings
-    c.cluster = ml_collections.ConfigDict(dict(method="kmeans", n_clusters=7, min_cluster_size=10, min_samples=0))
-    c.naming = ml_collections.ConfigDict(dict(
-        samples_per_cluster=12,
-        structured_output=True,  # send the {name, definition} JSON schema as response_format
-        retries=1,
-        endpoint=dict(model="judge", base_url="http://127.0.0.1:8000/v1", api_key_env="",
-                      params=dict(temperature=0.0, max_tokens=256), concurrency=8),
-    ))
-    c.taxonomy = ml_collections.ConfigDict(dict(
-        name="derived",
-        description="",
-        other_name="Other Harms",
-        other_definition="any other harmful content that none of the categories above describes",
-        held_out=0,  # the N smallest clusters become held-out categories
-    ))
-    c.plot = True
+    c.cluster = ml_collections.ConfigDict()
+    c.cluster.method = "kmeans"  # kmeans | hdbscan (scikit-learn)
+    c.cluster.n_clusters = 7  # kmeans: how many clusters
+    c.cluster.min_cluster_size = 10  # hdbscan: smallest cluster
+    c.cluster.min_samples = 0  # hdbscan: core-point neighbours (0 = min_cluster_size)
+    c.naming = ml_collections.ConfigDict()
+    c.naming.samples_per_cluster = 12  # prompts nearest each centroid shown to the judge
+    c.naming.structured_output = True  # send the {name, definition} JSON schema as response_format
+    c.naming.retries = 1  # re-asks when a reply does not parse
+    c.naming.endpoint = ml_collections.ConfigDict()  # the judge that names each cluster
+    c.naming.endpoint.model = "judge"  # model name the endpoint serves
+    c.naming.endpoint.base_url = "http://127.0.0.1:8000/v1"  # its base URL
+    c.naming.endpoint.api_key_env = ""  # env var holding its API key ("" = none)
+    c.naming.endpoint.params = dict(temperature=0.0, max_tokens=256)  # sampling parameters sent
+    c.naming.endpoint.concurrency = 8  # requests in flight
+    c.taxonomy = ml_collections.ConfigDict()
+    c.taxonomy.name = "derived"  # name written into taxonomy.yaml
+    c.taxonomy.description = ""  # free-text description written into taxonomy.yaml
+    c.taxonomy.other_name = "Other Harms"  # the catch-all category (never allowed)
+    c.taxonomy.other_definition = "any other harmful content that none of the categories above describes"  # its definition
+    c.taxonomy.held_out = 0  # the N smallest clusters become held-out categories
+    c.plot = True  # write clusters.png (a 2-D PCA view)
     return c
 
 

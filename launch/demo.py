@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = str(ROOT / "configs" / "demo_pipeline.py")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "demo pipeline config (default "
                                           "configs/demo_pipeline.py)")
-STAGES = ("answers", "synth", "sft", "dpo", "eval")
+STAGES = ("answers", "synth", "sft", "dpo", "eval", "agreement")
 
 CONFIGS = {
     "children's publisher (nothing risky allowed)": (),

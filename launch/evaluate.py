@@ -35,6 +35,12 @@ def _run(cfg):
     from cosa_jax.eval.report import compare_report, markdown
     for name in ("httpx", "httpx2", "openai"):  # one INFO line per request drowns the progress bars
         logging.getLogger(name).setLevel(logging.WARNING)
+    if "suite" in cfg and flags.FLAGS.dry_run:
+        from cosa_jax.eval.suite import validate as validate_suite
+        validate_suite(cfg)
+        print(f"[eval] dry run: suite config valid ({len(cfg.suite.models)} models, stages "
+              f"{list(cfg.suite.stages)}); nothing sent")
+        return
     if "suite" in cfg:
         from cosa_jax.eval.suite import run_suite
         from cosa_jax.eval.suite_report import suite_markdown

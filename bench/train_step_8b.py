@@ -111,6 +111,7 @@ def main(argv=None) -> dict:
     from cosa_jax.models.config import LlamaConfig
     from cosa_jax.models.llama import CAUSAL_QUERY_BLOCKS, init_params
     from cosa_jax.train import optim
+    from cosa_jax.train import logprobs
     from cosa_jax.train import step as ts
 
     platform = jax.devices()[0].platform
@@ -149,7 +150,7 @@ def main(argv=None) -> dict:
         # segment masks): the same log-probs up to bf16 rounding.
         first = jax.tree.map(lambda x: x[0], micro)
         xla_cfg = dataclasses.replace(cfg, attention_impl="xla")
-        got, want = (jax.jit(lambda p, m, c=c: ts.pair_logps(p, c, m, 128))(ref_params, first)
+        got, want = (jax.jit(lambda p, m, c=c: logprobs.pair_logps(p, c, m, 128))(ref_params, first)
                      for c in (cfg, xla_cfg))
         diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(got, want))
         print(f"[train_step_8b] {attention} vs xla attention, summed response log-probs "

@@ -22,7 +22,7 @@ import pytest
 from cosa_jax.train import checkpoints as ckpt
 from cosa_jax.train.data import DataPosition
 from cosa_jax.train.metrics_log import MetricsLog, read_metrics
-from model_fixtures import make_tiny_chat_model
+from cosa_jax.testing.model_fixtures import make_tiny_chat_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,7 +17,7 @@ import pytest
 from cosa_jax import distributed
 from cosa_jax.train import config as tc
 from cosa_jax.train.trainer import Trainer
-from model_fixtures import make_tiny_chat_model
+from cosa_jax.testing.model_fixtures import make_tiny_chat_model
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from cosa_jax import sharding as shd
 from cosa_jax.models import load_hf
-from cosa_jax.train import optim
+from cosa_jax.train import logprobs, optim
 from cosa_jax.train import data as td
 from cosa_jax.train import step as ts
 from cosa_jax.testing.model_fixtures import make_hf_model
@@ -258,7 +258,7 @@ def test_bf16_compute_shortcuts_keep_the_numbers(tiny):
                                                              1, "dpo"))
     ref_bf16 = ts.reference_params(params, cfg)
     assert {x.dtype for x in jax.tree.leaves(ref_bf16)} == {jnp.dtype(jnp.bfloat16)}
-    logps = jax.jit(lambda p: ts.pair_logps(p, cfg, micro, 128))
+    logps = jax.jit(lambda p: logprobs.pair_logps(p, cfg, micro, 128))
     for a, b in zip(logps(params), logps(ref_bf16)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

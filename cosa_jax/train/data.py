@@ -39,8 +39,8 @@ from pathlib import Path
 import numpy as np
 
 from cosa_jax import chat
+from cosa_jax.train.batches import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 REQUIRED_FIELDS = ("system_prompt", "prompt", "chosen_response", "rejected_response")
 # optional field -> accepted python types (None is always accepted)
 OPTIONAL_FIELDS = {

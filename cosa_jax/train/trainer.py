@@ -25,12 +25,11 @@ from cosa_jax.train import atomic_files
 from cosa_jax.train import checkpoints as ckpt
 from cosa_jax.train import config as tc
 from cosa_jax.train import data as td
-from cosa_jax.train import losses, memory_plan, optim
+from cosa_jax.train import logprobs, losses, memory_plan, optim
 from cosa_jax.train import step as ts
+from cosa_jax.train.batches import ROW_KEYS
 from cosa_jax.train.metrics_log import MetricsLog, plot_curves
 
-
-SEQ_KEYS = ("input_ids", "attention_mask", "labels", "position_ids", "response_start", "targets")
 
 
 class TrainingDiverged(RuntimeError):
@@ -164,7 +163,7 @@ class Trainer:
         not sit in device memory during training."""
         self.ref_logps = {}
         # Replicated out: every process reads all rows (a batch-sharded result spans processes).
-        fn = jax.jit(lambda p, b: ts.sequence_logps(p, self.mcfg, b, self.loss_cfg.logps_chunk),
+        fn = jax.jit(lambda p, b: logprobs.row_logps(p, self.mcfg, b, self.loss_cfg.logps_chunk),
                      out_shardings=shd.replicated(self.mesh))
         micro_pairs = self.c.train.batch_size // self.c.train.grad_accum
         for tag, examples in (("train", self.train_examples), ("eval", self.eval_examples)):
@@ -184,7 +183,7 @@ class Trainer:
                                    max_length=self.c.data.max_length,
                                    window_multiple=self._window_multiple())
                 dev = {k: _global_array(batch[k], shd.batch_sharding(self.mesh, batch[k].ndim))
-                       for k in SEQ_KEYS}
+                       for k in ROW_KEYS}
                 logps = np.asarray(jax.device_get(fn(params, dev)))
                 out[idx, 0], out[idx, 1] = logps[:micro_pairs], logps[micro_pairs:]
             if self.is_main:

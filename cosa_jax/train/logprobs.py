@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from cosa_jax.models.config import LlamaConfig
 from cosa_jax.models.llama import Params, forward_hidden, unembed_matrix
 from cosa_jax.train import losses
-from cosa_jax.train.batches import IGNORE_INDEX
+from cosa_jax.train.batches import IGNORE_INDEX, PairBatch, RowBatch, SharedPromptBatch
 
 
 def _shifted_labels(labels_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -224,47 +224,46 @@ def response_window(hidden_btd: jax.Array, start_b: jax.Array, width: int) -> ja
         padded_btd, start_b)
 
 
-def row_logps(params: Params, cfg: LlamaConfig, micro: dict, chunk: int,
+def row_logps(params: Params, cfg: LlamaConfig, rows: RowBatch, chunk: int,
               save_logits: bool = False) -> jax.Array:
     """Summed response log-probs [rows] without materialising [rows, T, V] logits: over the
     response windows when the batch has them (``data.collate``), else over all positions."""
-    hidden_btd, _ = forward_hidden(params, cfg, micro["input_ids"], micro["attention_mask"],
-                                   micro["position_ids"])
+    hidden_btd, _ = forward_hidden(params, cfg, rows.input_ids, rows.attention_mask,
+                                   rows.position_ids)
     w_dv = unembed_matrix(params, cfg).astype(hidden_btd.dtype)
-    if "targets" in micro:
-        window_bwd = response_window(hidden_btd, micro["response_start"], micro["targets"].shape[-1])
-        return chunked_target_logps(window_bwd, w_dv, micro["targets"][None], chunk=chunk,
+    if rows.targets is not None:
+        window_bwd = response_window(hidden_btd, rows.response_start, rows.targets.shape[-1])
+        return chunked_target_logps(window_bwd, w_dv, rows.targets[None], chunk=chunk,
                                     save_logits=save_logits)[0].sum(axis=-1)
-    return chunked_sequence_logps(hidden_btd, w_dv, micro["labels"], chunk=chunk,
+    return chunked_sequence_logps(hidden_btd, w_dv, rows.labels, chunk=chunk,
                                   save_logits=save_logits)
 
 
-def pair_logps(params: Params, cfg: LlamaConfig, micro: dict, chunk: int,
+def pair_logps(params: Params, cfg: LlamaConfig, micro: PairBatch, chunk: int,
                save_logits: bool = False) -> tuple[jax.Array, jax.Array]:
     """Summed (chosen, rejected) response log-probs [pairs] of a DPO micro-batch in either layout:
-    concatenated rows, or one prompt-shared row per pair (``segment_ids`` present)."""
-    if "segment_ids" not in micro:
+    concatenated rows (``TwoRowBatch``), or one prompt-shared row per pair."""
+    if not isinstance(micro, SharedPromptBatch):
         return losses.split_pairs(row_logps(params, cfg, micro, chunk, save_logits))
-    hidden_btd, _ = forward_hidden(params, cfg, micro["input_ids"], micro["attention_mask"],
-                                   micro["position_ids"], segment_ids_bt=micro["segment_ids"])
-    window_bwd = response_window(hidden_btd, micro["response_start"],
-                                 micro["chosen_targets"].shape[-1])
+    hidden_btd, _ = forward_hidden(params, cfg, micro.input_ids, micro.attention_mask,
+                                   micro.position_ids, segment_ids_bt=micro.segment_ids)
+    window_bwd = response_window(hidden_btd, micro.response_start, micro.chosen_targets.shape[-1])
     w_dv = unembed_matrix(params, cfg).astype(hidden_btd.dtype)
-    targets_kbw = jnp.stack([micro["chosen_targets"], micro["rejected_targets"]])
+    targets_kbw = jnp.stack([micro.chosen_targets, micro.rejected_targets])
     logp_kbw = chunked_target_logps(window_bwd, w_dv, targets_kbw, chunk=chunk,
                                     save_logits=save_logits)
     chosen_b, rejected_b = logp_kbw.sum(axis=-1)
     return chosen_b, rejected_b
 
 
-def pair_lengths(micro: dict) -> tuple[jax.Array, jax.Array]:
+def pair_lengths(micro: PairBatch) -> tuple[jax.Array, jax.Array]:
     """Scored tokens of the (chosen, rejected) responses [pairs], after truncation: the |y| that
     SimPO and ORPO normalise by, read off the same targets the log-probs sum over."""
-    if "segment_ids" in micro:
-        return ((micro["chosen_targets"] != IGNORE_INDEX).sum(-1),
-                (micro["rejected_targets"] != IGNORE_INDEX).sum(-1))
-    if "targets" in micro:
-        n_rows = (micro["targets"] != IGNORE_INDEX).sum(-1)
+    if isinstance(micro, SharedPromptBatch):
+        return ((micro.chosen_targets != IGNORE_INDEX).sum(-1),
+                (micro.rejected_targets != IGNORE_INDEX).sum(-1))
+    if micro.targets is not None:
+        n_rows = (micro.targets != IGNORE_INDEX).sum(-1)
     else:
-        n_rows = (micro["labels"][:, 1:] != IGNORE_INDEX).sum(-1)
+        n_rows = (micro.labels[:, 1:] != IGNORE_INDEX).sum(-1)
     return losses.split_pairs(n_rows)

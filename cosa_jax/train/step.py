@@ -1,18 +1,19 @@
 """The train step: one ``jax.jit`` boundary with explicit shardings and a donated state.
 
 State is a plain dict pytree ``{"step", "params", "opt_state", "rng"}`` so that Orbax saves and
-restores it onto any mesh. Batches arrive as ``[grad_accum, rows, T]`` (rows = 2 x pairs for
-DPO, chosen rows first, then rejected, or one prompt-shared row per pair; see
-``cosa_jax.train.data``), sharded on the rows axis
-over (data, fsdp); the step scans over the micro-batches, sums fp32 gradients, averages them and
-applies one optimiser update. A non-finite loss or gradient leaves the state untouched and is
-reported in the metrics, so the host can stop with the last good state.
+restores it onto any mesh. Batches are the typed containers of ``cosa_jax.train.batches``
+(``SftBatch``, ``TwoRowBatch``: rows = 2 x pairs, chosen rows first, then rejected;
+``SharedPromptBatch``: one row per pair), each field ``[grad_accum, rows, ...]``, sharded on
+the rows axis over (data, fsdp) (``batch_shardings``); the step scans over the micro-batches,
+sums fp32 gradients, averages them and applies one optimiser update. A non-finite loss or
+gradient leaves the state untouched and is reported in the metrics, so the host can stop with
+the last good state.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,7 @@ from cosa_jax import sharding as shd
 from cosa_jax.models.config import LlamaConfig
 from cosa_jax.models.llama import Params
 from cosa_jax.train import logprobs, losses
-from cosa_jax.train.batches import PER_PAIR_PREFIXES, ROW_KEYS
+from cosa_jax.train.batches import PAIR_KEYS, ROW_KEYS, Batch, TwoRowBatch
 
 State = dict
 
@@ -63,12 +64,12 @@ class LossConfig:
         return self.mode == "dpo" and self.loss_type == "score_margin"
 
 
-def loss_and_metrics(params: Params, ref_params: Params | None, micro: dict,
+def loss_and_metrics(params: Params, ref_params: Params | None, micro: Batch,
                      cfg: LlamaConfig, loss_cfg: LossConfig):
     """Scalar loss of one micro-batch and its metrics (batch means, TRL names)."""
     if loss_cfg.mode == "sft":
         logps = logprobs.row_logps(params, cfg, micro, loss_cfg.logps_chunk, loss_cfg.save_logits)
-        loss, n_tokens = losses.sft_loss(logps, micro["labels"])
+        loss, n_tokens = losses.sft_loss(logps, micro.labels)
         return loss, {"loss": loss, "logps/chosen": jnp.mean(jax.lax.stop_gradient(logps)),
                       "tokens/target": n_tokens.astype(jnp.float32)}
     pol_c, pol_r = logprobs.pair_logps(params, cfg, micro, loss_cfg.logps_chunk, loss_cfg.save_logits)
@@ -85,13 +86,13 @@ def loss_and_metrics(params: Params, ref_params: Params | None, micro: dict,
             extra["nll"] = jnp.mean(nll)
     else:
         if loss_cfg.precomputed_ref:
-            ref_c, ref_r = micro["ref_chosen_logps"], micro["ref_rejected_logps"]
+            ref_c, ref_r = micro.ref_chosen_logps, micro.ref_rejected_logps
         else:
             ref_c, ref_r = jax.lax.stop_gradient(
                 logprobs.pair_logps(ref_params, cfg, micro, loss_cfg.logps_chunk))
         if lt == "score_margin":
             per_pair, rew_c, rew_r = losses.score_margin_dpo_loss(
-                pol_c, pol_r, ref_c, ref_r, micro["pair_score_gap"], beta=loss_cfg.beta,
+                pol_c, pol_r, ref_c, ref_r, micro.pair_score_gap, beta=loss_cfg.beta,
                 margin_scale=loss_cfg.margin_scale)
         else:
             per_pair, rew_c, rew_r = losses.dpo_loss(pol_c, pol_r, ref_c, ref_r, beta=loss_cfg.beta,
@@ -125,7 +126,7 @@ def make_train_step(cfg: LlamaConfig, loss_cfg: LossConfig, tx: optax.GradientTr
                     lr_schedule: Callable | None = None):
     """The pure step ``(state, ref_params, batch) -> (state, metrics)``."""
 
-    def train_step(state: State, ref_params: Params | None, batch: dict):
+    def train_step(state: State, ref_params: Params | None, batch: Batch):
         params = state["params"]
         compute_params = with_compute_layers(params, cfg)
         # bfloat16: the accumulator and the averaged gradients that reach the optimiser stay
@@ -142,7 +143,7 @@ def make_train_step(cfg: LlamaConfig, loss_cfg: LossConfig, tx: optax.GradientTr
             metrics_acc = jax.tree.map(jnp.add, metrics_acc, metrics)
             return (grads_acc, metrics_acc), None
 
-        n_micro = batch["input_ids"].shape[0]
+        n_micro = batch.input_ids.shape[0]
         first = jax.tree.map(lambda x: x[0], batch)
         if n_micro == 1:
             # No fp32 accumulator to zero-fill and add into (two passes over the parameters).
@@ -202,12 +203,15 @@ def micro_batch_sharding(mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, P(None, shd.LOGICAL_TO_MESH["batch"], *([None] * (ndim - 2))))
 
 
-def batch_sharding_for(key: str, ndim: int, mesh) -> NamedSharding:
-    """Sequences over (data, fsdp); per-pair side values replicated (tiny, and a pair count
-    need not divide the device count)."""
-    if key.startswith(PER_PAIR_PREFIXES):
-        return shd.replicated(mesh)
-    return micro_batch_sharding(mesh, ndim)
+def batch_shardings(batch: Batch, mesh) -> Batch:
+    """The batch's shardings, one rule per field, as the same container: the per-pair side
+    values (``batches.PAIR_KEYS``) replicated (tiny, and a pair count need not divide the
+    device count), every other field's rows over the rules table's ``batch`` axes; a field
+    left None gets none. Takes a micro-batched batch (``to_micro_batches``) or its shapes."""
+    return batch.replace(**{
+        f.name: (None if (x := getattr(batch, f.name)) is None else
+                 shd.replicated(mesh) if f.name in PAIR_KEYS else micro_batch_sharding(mesh, x.ndim))
+        for f in dataclasses.fields(batch)})
 
 
 def state_shardings(state_shapes: State, tx: optax.GradientTransformation, mesh) -> State:
@@ -224,23 +228,25 @@ def init_state(params: Params, tx: optax.GradientTransformation, seed: int) -> S
             "rng": jax.random.key_data(jax.random.key(seed))}
 
 
-def jit_train_step(step_fn, mesh, state_sh: State, batch_example: dict, with_ref: bool):
+def jit_train_step(step_fn, mesh, state_sh: State, batch_example: Batch, with_ref: bool):
     """``jax.jit`` with explicit in/out shardings; the state (argument 0) is donated."""
-    batch_sh = {k: batch_sharding_for(k, v.ndim, mesh) for k, v in batch_example.items()}
+    batch_sh = batch_shardings(batch_example, mesh)
     ref_sh = state_sh["params"] if with_ref else None
     return jax.jit(step_fn, in_shardings=(state_sh, ref_sh, batch_sh),
                    out_shardings=(state_sh, shd.replicated(mesh)), donate_argnums=(0,))
 
 
-def to_micro_batches(batch: dict[str, Any], grad_accum: int, mode: str) -> dict:
-    """Host batch ``[rows, ...]`` -> ``[grad_accum, rows/grad_accum, ...]``, keeping each
-    micro-batch's chosen rows paired with its rejected rows (prompt-shared rows are pairs
-    already)."""
-    out = {}
-    for key, x in batch.items():
-        if key == "index":
+def to_micro_batches(batch: Batch, grad_accum: int) -> Batch:
+    """Host batch ``[rows, ...]`` -> the same container ``[grad_accum, rows/grad_accum, ...]``,
+    keeping each micro-batch's chosen rows paired with its rejected rows (a ``TwoRowBatch``'s
+    row fields; prompt-shared rows are pairs already, per-pair values split like the pairs).
+    The host-only ``index`` is dropped."""
+    concatenated = isinstance(batch, TwoRowBatch)
+    out = {"index": None}
+    for field in dataclasses.fields(batch):
+        key, x = field.name, getattr(batch, field.name)
+        if key == "index" or x is None:
             continue
-        concatenated = mode == "dpo" and "segment_ids" not in batch
         if concatenated and key in ROW_KEYS:
             half = x.shape[0] // 2
             if half % grad_accum:
@@ -253,4 +259,4 @@ def to_micro_batches(batch: dict[str, Any], grad_accum: int, mode: str) -> dict:
                 raise ValueError(f"batch of {x.shape[0]} rows does not split into "
                                  f"grad_accum={grad_accum} micro-batches")
             out[key] = x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:])
-    return out
+    return batch.replace(**out)

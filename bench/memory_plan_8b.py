@@ -57,15 +57,13 @@ def main(argv=None) -> None:
     state_sh = ts.state_shardings(state_shape, tx, mesh)
     ref = None if precompute else abstract(
         jax.eval_shape(lambda p: ts.reference_params(p, cfg), params), state_sh["params"])
-    micro = ts.to_micro_batches(batch, grad_accum, "dpo")
     if precompute:
         zeros = np.zeros(pairs, np.float32)
-        micro.update(ts.to_micro_batches({"ref_chosen_logps": zeros, "ref_rejected_logps": zeros},
-                                         grad_accum, "sft"))
+        batch = batch.replace(ref_chosen_logps=zeros, ref_rejected_logps=zeros)
+    micro = ts.to_micro_batches(batch, grad_accum)
     step = ts.jit_train_step(ts.make_train_step(cfg, loss_cfg, tx), mesh, state_sh, micro,
                              with_ref=not precompute)
-    micro = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=ts.batch_sharding_for(k, v.ndim, mesh))
-             for k, v in micro.items()}
+    micro = abstract(micro, ts.batch_shardings(micro, mesh))
     t0 = time.perf_counter()
     compiled = step.lower(abstract(state_shape, state_sh), ref, micro).compile()
     plan = memory_plan.from_compiled(compiled, jax.devices()[0], 141.0)

@@ -82,20 +82,22 @@ def step_flops(cfg, rows: int, seq: int, head_positions: int | None = None,
 def dpo_batch(pairs: int, seq: int, vocab: int, prompt_len: int, seed: int = 0):
     """Chosen rows then rejected rows; each pair shares a prompt whose labels are -100."""
     import numpy as np
+
+    from cosa_jax.train.batches import TwoRowBatch
     rng = np.random.default_rng(seed)
     rows = 2 * pairs
     ids = rng.integers(3, vocab, (rows, seq)).astype(np.int32)
     ids[pairs:, :prompt_len] = ids[:pairs, :prompt_len]
     labels = ids.copy()
     labels[:, :prompt_len] = -100
-    return {"input_ids": ids, "attention_mask": np.ones((rows, seq), np.int32), "labels": labels,
-            "position_ids": np.broadcast_to(np.arange(seq, dtype=np.int32), (rows, seq)).copy()}
+    return TwoRowBatch(input_ids=ids, attention_mask=np.ones((rows, seq), np.int32), labels=labels,
+                       position_ids=np.broadcast_to(np.arange(seq, dtype=np.int32), (rows, seq)).copy())
 
 
 def shared_batch(batch, pairs: int, prompt_len: int):
     """The same pairs as one prompt-shared row each (``cosa_jax.train.data`` layout)."""
     from cosa_jax.train import data as td
-    ids = batch["input_ids"]
+    ids = batch.input_ids
     examples = [td.TokenizedExample(tuple(ids[i, :prompt_len].tolist()),
                                     (tuple(ids[i, prompt_len:].tolist()),
                                      tuple(ids[pairs + i, prompt_len:].tolist())), False)
@@ -144,7 +146,7 @@ def make_jax_step(model_dir, compute_dtype: str, batch, chunk: int, attention_im
     loss_cfg = ts.LossConfig(mode="dpo", beta=BETA, logps_chunk=chunk, save_logits=save_logits)
     step = jax.jit(ts.make_train_step(cfg, loss_cfg, tx),
                    donate_argnums=(0,))
-    micro = jax.device_put(ts.to_micro_batches(batch, 1, "dpo"))
+    micro = jax.device_put(ts.to_micro_batches(batch, 1))
     holder = {"state": ts.init_state(params, tx, 0)}
     losses = []
 
@@ -166,9 +168,9 @@ def make_torch_step(model_dir, batch):
     for p in reference.parameters():
         p.requires_grad_(False)
     opt = torch.optim.RMSprop(policy.parameters(), lr=LR, alpha=0.99, eps=1e-8)
-    ids = torch.as_tensor(batch["input_ids"], dtype=torch.long)
-    mask = torch.as_tensor(batch["attention_mask"], dtype=torch.long)
-    labels = torch.as_tensor(batch["labels"], dtype=torch.long)[:, 1:]
+    ids = torch.as_tensor(batch.input_ids, dtype=torch.long)
+    mask = torch.as_tensor(batch.attention_mask, dtype=torch.long)
+    labels = torch.as_tensor(batch.labels, dtype=torch.long)[:, 1:]
     keep = labels != -100
     targets = labels.clamp(min=0).unsqueeze(-1)
     half = ids.shape[0] // 2
@@ -255,13 +257,13 @@ def main(argv=None) -> None:
     peak = max(peak_before, matmul_peak())
 
     flops, n_params = step_flops(cfg, rows, args.seq)
-    row_window = windowed["targets"].shape[1]
+    row_window = windowed.targets.shape[1]
     from cosa_jax.models.llama import CAUSAL_QUERY_BLOCKS
     square = (CAUSAL_QUERY_BLOCKS + 1) / (2 * CAUSAL_QUERY_BLOCKS)  # query blocks (llama.causal_attention)
     executed = {"jax fp32": step_flops(cfg, rows, args.seq, head_positions=rows * row_window,
                                        attn_fraction=square)[0]}
     executed["jax bf16"] = executed["jax fp32"]
-    shared_len, window = shared["input_ids"].shape[1], shared["chosen_targets"].shape[1]
+    shared_len, window = shared.input_ids.shape[1], shared.chosen_targets.shape[1]
     executed["jax fp32 shared"] = step_flops(cfg, args.pairs, shared_len,
                                              head_positions=args.pairs * window,
                                              attn_fraction=square)[0]

@@ -111,6 +111,7 @@ def main(argv=None) -> dict:
     from cosa_jax.models.config import LlamaConfig
     from cosa_jax.models.llama import CAUSAL_QUERY_BLOCKS, init_params
     from cosa_jax.train import optim
+    from cosa_jax.train import logprobs
     from cosa_jax.train import step as ts
 
     platform = jax.devices()[0].platform
@@ -141,15 +142,15 @@ def main(argv=None) -> dict:
                     out_shardings=state_sh)()
     ref_params = jax.jit(lambda p: ts.reference_params(p, cfg),
                          out_shardings=state_sh["params"])(state["params"])
-    micro = ts.to_micro_batches(batch, args.grad_accum, "dpo")
+    micro = ts.to_micro_batches(batch, args.grad_accum)
     step = ts.jit_train_step(ts.make_train_step(cfg, loss_cfg, tx), mesh, state_sh, micro, True)
-    micro = {k: jax.device_put(v, ts.batch_sharding_for(k, v.ndim, mesh)) for k, v in micro.items()}
+    micro = jax.device_put(micro, ts.batch_shardings(micro, mesh))
     if attention != "xla":
         # The fused kernel against our XLA attention on the step's own rows (prompt-shared
         # segment masks): the same log-probs up to bf16 rounding.
         first = jax.tree.map(lambda x: x[0], micro)
         xla_cfg = dataclasses.replace(cfg, attention_impl="xla")
-        got, want = (jax.jit(lambda p, m, c=c: ts.pair_logps(p, c, m, 128))(ref_params, first)
+        got, want = (jax.jit(lambda p, m, c=c: logprobs.pair_logps(p, c, m, 128))(ref_params, first)
                      for c in (cfg, xla_cfg))
         diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(got, want))
         print(f"[train_step_8b] {attention} vs xla attention, summed response log-probs "
@@ -175,7 +176,7 @@ def main(argv=None) -> dict:
 
     if args.profile:
         print("[train_step_8b] " + (common.kernel_time_summary(run) or "profiler wrote no trace"))
-    row_len, window = batch["input_ids"].shape[1], batch["chosen_targets"].shape[1]
+    row_len, window = batch.input_ids.shape[1], batch.chosen_targets.shape[1]
     square = (CAUSAL_QUERY_BLOCKS + 1) / (2 * CAUSAL_QUERY_BLOCKS)
     flops, _ = step_flops(cfg, pairs, row_len, head_positions=pairs * window,
                           attn_fraction=square)

@@ -1,5 +1,6 @@
 """Preference data: loading errors, truncation, masking, SFT targets, shuffling and resume."""
 
+import dataclasses
 import json
 import random
 import warnings
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 from cosa_jax.train import data
+from cosa_jax.train.batches import SftBatch
 from test_chat import tiny_llama3_tokenizer  # noqa: E402  (tests/ is on sys.path under pytest)
 
 MINI = resources.files("cosa_jax") / "data" / "mini_prefs.jsonl"
@@ -109,43 +111,45 @@ def test_tokenize_pairs_and_collate_layout(llama_tok):
         assert llama_tok.decode(e.response_ids[1][:-1]) == r["rejected_response"]
     pad = data.pad_id_for(llama_tok)
     b = data.collate(ex, pad_id=pad)
-    t = b["input_ids"].shape[1]
+    t = b.input_ids.shape[1]
     longest = max(e.max_length for e in ex)
-    assert b["input_ids"].shape == (6, t) and b["input_ids"].dtype == np.int32
+    assert b.input_ids.shape == (6, t) and b.input_ids.dtype == np.int32
     assert t % 64 == 0 and t - 64 < longest <= t
     for half, j in ((0, 0), (3, 1)):  # chosen rows first, then rejected
         for i, e in enumerate(ex):
             row = half + i
             seq = e.prompt_ids + e.response_ids[j]
             n, p = len(seq), len(e.prompt_ids)
-            assert b["input_ids"][row, :n].tolist() == list(seq)
-            assert (b["input_ids"][row, n:] == pad).all()
-            assert b["attention_mask"][row].tolist() == [1] * n + [0] * (t - n)
-            assert (b["labels"][row, :p] == -100).all() and (b["labels"][row, n:] == -100).all()
-            assert b["labels"][row, p:n].tolist() == list(e.response_ids[j])
-    assert b["position_ids"][4].tolist() == list(range(t))
-    assert b["index"].tolist() == [0, 1, 2]
+            assert b.input_ids[row, :n].tolist() == list(seq)
+            assert (b.input_ids[row, n:] == pad).all()
+            assert b.attention_mask[row].tolist() == [1] * n + [0] * (t - n)
+            assert (b.labels[row, :p] == -100).all() and (b.labels[row, n:] == -100).all()
+            assert b.labels[row, p:n].tolist() == list(e.response_ids[j])
+    assert b.position_ids[4].tolist() == list(range(t))
+    assert b.index.tolist() == [0, 1, 2]
     # Response windows: slot w is position response_start + w and holds the label it predicts.
-    w = b["targets"].shape[1]
+    w = b.targets.shape[1]
     assert w % 64 == 0 or w == t - 1
     for row in range(6):
-        p = int(np.argmax(b["labels"][row] != -100))
-        assert b["response_start"][row] == p - 1
-        labelled = b["labels"][row, p:][b["labels"][row, p:] != -100]
-        assert b["targets"][row][b["targets"][row] != -100].tolist() == labelled.tolist()
-        for slot in np.flatnonzero(b["targets"][row] != -100):
-            assert b["input_ids"][row, p + slot] == b["targets"][row, slot]
+        p = int(np.argmax(b.labels[row] != -100))
+        assert b.response_start[row] == p - 1
+        labelled = b.labels[row, p:][b.labels[row, p:] != -100]
+        assert b.targets[row][b.targets[row] != -100].tolist() == labelled.tolist()
+        for slot in np.flatnonzero(b.targets[row] != -100):
+            assert b.input_ids[row, p + slot] == b.targets[row, slot]
 
 
 def test_response_window_is_capped_and_covers_the_longest_response():
     labels = np.full((2, 10), -100, np.int32)
     labels[0, 1:10] = np.arange(9)  # prompt of 1 token, response to the end
     labels[1, 7:9] = [5, 6]
-    b = data.add_response_windows({"labels": labels}, window_multiple=4)
-    assert b["response_start"].tolist() == [0, 6]
-    assert b["targets"].shape == (2, 9)  # bucket(9, 4) = 12 > T - 1
-    assert b["targets"][0].tolist() == list(range(9))
-    assert b["targets"][1].tolist() == [5, 6] + [-100] * 7
+    zeros = np.zeros_like(labels)
+    b = data.add_response_windows(SftBatch(input_ids=zeros, attention_mask=zeros, labels=labels,
+                                           position_ids=zeros), window_multiple=4)
+    assert b.response_start.tolist() == [0, 6]
+    assert b.targets.shape == (2, 9)  # bucket(9, 4) = 12 > T - 1
+    assert b.targets[0].tolist() == list(range(9))
+    assert b.targets[1].tolist() == [5, 6] + [-100] * 7
 
 
 def test_prompt_shared_layout_predicts_each_response_from_its_own_past():
@@ -153,25 +157,25 @@ def test_prompt_shared_layout_predicts_each_response_from_its_own_past():
     ex = [data.TokenizedExample((5, 6, 7), ((10, 11), (20, 21, 22)), False),
           data.TokenizedExample((8,), ((30,), (40, 41)), False)]
     b = data.collate_prompt_shared(ex, pad_id=0, pad_multiple=4, min_length=12, indices=[7, 3])
-    assert b["input_ids"].shape == (2, 12) and b["index"].tolist() == [7, 3]
-    assert b["input_ids"][0].tolist() == [5, 6, 7, 10, 11, 20, 21, 22, 0, 0, 0, 0]
-    assert b["attention_mask"][0].tolist() == [1] * 8 + [0] * 4
-    assert b["position_ids"][0, :8].tolist() == [0, 1, 2, 3, 4, 3, 4, 5]
-    assert b["segment_ids"][0, :8].tolist() == [0, 0, 0, 1, 1, 2, 2, 2]
+    assert b.input_ids.shape == (2, 12) and b.index.tolist() == [7, 3]
+    assert b.input_ids[0].tolist() == [5, 6, 7, 10, 11, 20, 21, 22, 0, 0, 0, 0]
+    assert b.attention_mask[0].tolist() == [1] * 8 + [0] * 4
+    assert b.position_ids[0, :8].tolist() == [0, 1, 2, 3, 4, 3, 4, 5]
+    assert b.segment_ids[0, :8].tolist() == [0, 0, 0, 1, 1, 2, 2, 2]
     ign = -100
     # Window of W = bucket(3 + 2, 4) = 8 slots from the prompt's last position (row 0: position 2).
-    assert b["response_start"].tolist() == [2, 0]
-    assert b["chosen_targets"].shape == (2, 8)
-    assert b["chosen_targets"][0].tolist() == [10, 11, ign, ign, ign, ign, ign, ign]
-    assert b["rejected_targets"][0].tolist() == [20, ign, ign, 21, 22, ign, ign, ign]
-    assert b["input_ids"][1, :4].tolist() == [8, 30, 40, 41]
-    assert b["chosen_targets"][1, :4].tolist() == [30, ign, ign, ign]
-    assert b["rejected_targets"][1, :4].tolist() == [40, ign, 41, ign]
-    assert b["position_ids"][1, :4].tolist() == [0, 1, 1, 2]
+    assert b.response_start.tolist() == [2, 0]
+    assert b.chosen_targets.shape == (2, 8)
+    assert b.chosen_targets[0].tolist() == [10, 11, ign, ign, ign, ign, ign, ign]
+    assert b.rejected_targets[0].tolist() == [20, ign, ign, 21, 22, ign, ign, ign]
+    assert b.input_ids[1, :4].tolist() == [8, 30, 40, 41]
+    assert b.chosen_targets[1, :4].tolist() == [30, ign, ign, ign]
+    assert b.rejected_targets[1, :4].tolist() == [40, ign, 41, ign]
+    assert b.position_ids[1, :4].tolist() == [0, 1, 1, 2]
     # Slot j sits at position response_start + j and predicts the token after it: each response
     # token is predicted exactly once, in its own response's target row, from its own past.
-    for e, row, s, c, r in zip(ex, b["input_ids"], b["response_start"], b["chosen_targets"],
-                               b["rejected_targets"]):
+    for e, row, s, c, r in zip(ex, b.input_ids, b.response_start, b.chosen_targets,
+                               b.rejected_targets):
         assert c[c != ign].tolist() == list(e.response_ids[0])
         assert r[r != ign].tolist() == list(e.response_ids[1])
         p = len(e.prompt_ids)
@@ -182,7 +186,7 @@ def test_prompt_shared_layout_predicts_each_response_from_its_own_past():
         assert r[0] == row[p + len(e.response_ids[0])]
     # A wider window multiple is capped at the row length.
     wide = data.collate_prompt_shared(ex, pad_id=0, pad_multiple=4, window_multiple=64)
-    assert wide["chosen_targets"].shape == (2, wide["input_ids"].shape[1]) == (2, 8)
+    assert wide.chosen_targets.shape == (2, wide.input_ids.shape[1]) == (2, 8)
     with pytest.raises(ValueError, match="DPO pairs"):
         data.collate_prompt_shared([data.TokenizedExample((1,), ((2,),), False)], pad_id=0)
 
@@ -240,7 +244,7 @@ def test_sft_target_is_last_chosen_per_system_prompt_pair(llama_tok):
     assert len(ex) == 3 and all(len(e.response_ids) == 1 for e in ex)
     assert llama_tok.decode(ex[0].response_ids[0][:-1]) == "last"
     b = data.collate(ex, pad_id=data.pad_id_for(llama_tok))
-    assert b["input_ids"].shape[0] == 3
+    assert b.input_ids.shape[0] == 3
 
 
 # ----- shuffling and resume ----------------------------------------------------------------
@@ -256,9 +260,9 @@ def _take(it, k):
 
 def test_shuffle_is_deterministic_per_seed_and_epoch():
     ex = _fake_examples(10)
-    a = [b["index"].tolist() for b, _ in data.iterate_batches(ex, batch_size=3, pad_id=0, seed=5, epochs=3)]
-    b = [b["index"].tolist() for b, _ in data.iterate_batches(ex, batch_size=3, pad_id=0, seed=5, epochs=3)]
-    c = [b["index"].tolist() for b, _ in data.iterate_batches(ex, batch_size=3, pad_id=0, seed=6, epochs=3)]
+    a = [b.index.tolist() for b, _ in data.iterate_batches(ex, batch_size=3, pad_id=0, seed=5, epochs=3)]
+    b = [b.index.tolist() for b, _ in data.iterate_batches(ex, batch_size=3, pad_id=0, seed=5, epochs=3)]
+    c = [b.index.tolist() for b, _ in data.iterate_batches(ex, batch_size=3, pad_id=0, seed=6, epochs=3)]
     assert a == b and a != c
     assert len(a) == 9  # 3 full batches per epoch, tail dropped
     epochs = [sum(a[i * 3:(i + 1) * 3], []) for i in range(3)]
@@ -276,8 +280,8 @@ def test_resume_from_saved_position_continues_exactly():
                                        start=data.DataPosition.from_dict(saved))
         for (b1, p1), (b2, p2) in zip(full[k:], _take(resumed, 12 - k)):
             assert p1 == p2
-            for key in b1:
-                np.testing.assert_array_equal(b1[key], b2[key])
+            for field in dataclasses.fields(b1):
+                np.testing.assert_array_equal(getattr(b1, field.name), getattr(b2, field.name))
     assert full[1][1] == data.DataPosition(1, 0)  # 11 // 4 = 2 batches per epoch
 
 

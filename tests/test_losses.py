@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cosa_jax.train import losses
+from cosa_jax.train import logprobs, losses
 
 B, T, V, D = 4, 37, 101, 16
 
@@ -51,7 +51,7 @@ def torch_dpo(pc, pr, rc, rr, beta, ls, loss_type):
 
 def test_sequence_logps_matches_torch():
     logits, labels = _random_batch()
-    ours = np.asarray(losses.sequence_logps(jnp.asarray(logits), jnp.asarray(labels)))
+    ours = np.asarray(logprobs.sequence_logps(jnp.asarray(logits), jnp.asarray(labels)))
     ref = torch_sequence_logps(logits, labels).numpy()
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-4)
     print("sequence_logps max abs diff vs torch:", np.abs(ours - ref).max())
@@ -60,7 +60,7 @@ def test_sequence_logps_matches_torch():
 def test_sequence_logps_bf16_logits_upcast():
     logits, labels = _random_batch(1)
     bf = jnp.asarray(logits).astype(jnp.bfloat16)
-    ours = np.asarray(losses.sequence_logps(bf, jnp.asarray(labels)))
+    ours = np.asarray(logprobs.sequence_logps(bf, jnp.asarray(labels)))
     assert ours.dtype == np.float32
     ref = torch_sequence_logps(torch.as_tensor(np.array(bf.astype(jnp.float32))), labels).numpy()
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-3)
@@ -73,8 +73,8 @@ def test_sum_not_mean():
     lab[0, 1:5] = 3
     lab2 = np.full((1, 9), -100, np.int32)
     lab2[0, 1:9] = 3
-    a = float(losses.sequence_logps(logits, lab)[0])
-    b = float(losses.sequence_logps(logits, lab2)[0])
+    a = float(logprobs.sequence_logps(logits, lab)[0])
+    b = float(logprobs.sequence_logps(logits, lab2)[0])
     assert a == pytest.approx(4 * -math.log(8), rel=1e-6)
     assert b == pytest.approx(2 * a, rel=1e-6)
 
@@ -85,13 +85,13 @@ def test_chunked_matches_full_and_torch(chunk):
     hidden = rng.normal(size=(B, T, D)).astype(np.float32)
     unembed = rng.normal(size=(D, V)).astype(np.float32)
     _, labels = _random_batch(2)
-    full = losses.token_logps(jnp.asarray(hidden @ unembed), jnp.asarray(labels))
-    chunked = losses.chunked_token_logps(
+    full = logprobs.token_logps(jnp.asarray(hidden @ unembed), jnp.asarray(labels))
+    chunked = logprobs.chunked_token_logps(
         jnp.asarray(hidden), jnp.asarray(unembed), jnp.asarray(labels), chunk=chunk
     )
     assert chunked.shape == (B, T - 1)
     np.testing.assert_allclose(np.asarray(chunked), np.asarray(full), rtol=1e-5, atol=1e-4)
-    seq = np.asarray(losses.chunked_sequence_logps(hidden, unembed, labels, chunk=chunk))
+    seq = np.asarray(logprobs.chunked_sequence_logps(hidden, unembed, labels, chunk=chunk))
     logits_t = torch.as_tensor(hidden) @ torch.as_tensor(unembed)
     ref = torch_sequence_logps(logits_t, labels).numpy()
     np.testing.assert_allclose(seq, ref, rtol=1e-5, atol=1e-4)
@@ -106,7 +106,7 @@ def test_chunked_gradients_match_torch(save_logits):
     _, labels = _random_batch(3)
 
     def f(h, w):
-        return losses.chunked_sequence_logps(h, w, labels, chunk=8, save_logits=save_logits).sum()
+        return logprobs.chunked_sequence_logps(h, w, labels, chunk=8, save_logits=save_logits).sum()
 
     gh, gw = jax.grad(f, argnums=(0, 1))(jnp.asarray(hidden), jnp.asarray(unembed))
     ht = torch.tensor(hidden, requires_grad=True)
@@ -121,10 +121,10 @@ def test_chunked_gradients_match_torch(save_logits):
 def test_vocab_logsumexp_matches_torch(vocab):
     """Blocked (4096, 3003) and whole-row (prime 4099, small 700) reductions alike."""
     x = np.random.default_rng(7).normal(0, 4, size=(3, 5, vocab)).astype(np.float32)
-    ours = np.asarray(losses.vocab_logsumexp(jnp.asarray(x)))
+    ours = np.asarray(logprobs.vocab_logsumexp(jnp.asarray(x)))
     ref = torch.logsumexp(torch.as_tensor(x, dtype=torch.float64), -1).numpy()
     np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-5)
-    assert {8192: 4096, 6006: 3003, 4099: None, 700: None}[vocab] == losses._vocab_block(vocab)
+    assert {8192: 4096, 6006: 3003, 4099: None, 700: None}[vocab] == logprobs._vocab_block(vocab)
 
 
 @pytest.mark.parametrize("save_logits", [False, True])
@@ -143,7 +143,7 @@ def test_target_sets_share_a_softmax_values_and_grads_match_torch(chunk, vocab, 
     weight = rng.normal(size=(k, B)).astype(np.float32)
 
     def f(h, w):
-        logp = losses.chunked_target_logps(h, w, jnp.asarray(targets), chunk=chunk,
+        logp = logprobs.chunked_target_logps(h, w, jnp.asarray(targets), chunk=chunk,
                                            save_logits=save_logits)
         return (logp.sum(-1) * weight).sum(), logp
 
@@ -165,7 +165,7 @@ def test_target_sets_share_a_softmax_values_and_grads_match_torch(chunk, vocab, 
 
 def test_sft_loss_matches_torch_cross_entropy():
     logits, labels = _random_batch(4)
-    logps = losses.sequence_logps(jnp.asarray(logits), jnp.asarray(labels))
+    logps = logprobs.sequence_logps(jnp.asarray(logits), jnp.asarray(labels))
     loss, n_tok = losses.sft_loss(logps, jnp.asarray(labels))
     lt = torch.as_tensor(logits)[:, :-1]
     yt = torch.as_tensor(labels, dtype=torch.long)[:, 1:]
@@ -201,7 +201,7 @@ def test_label_smoothing_changes_loss_and_is_symmetric_at_half_point():
 def test_first_step_property():
     """Policy == reference: loss ln 2, rewards and margins 0, accuracy 0 (ties are not wins)."""
     logits, labels = _random_batch(6)
-    lp = losses.sequence_logps(jnp.asarray(logits), jnp.asarray(labels))
+    lp = logprobs.sequence_logps(jnp.asarray(logits), jnp.asarray(labels))
     chosen, rejected = losses.split_pairs(lp)
     out = losses.dpo_loss(chosen, rejected, chosen, rejected, beta=0.1)
     m = losses.dpo_metrics(*out, chosen, rejected)
@@ -253,10 +253,10 @@ def test_chunked_never_holds_full_logits():
     full_logits_bytes = b * t * v * 4
 
     def chunked(h, w, lab):
-        return losses.chunked_sequence_logps(h, w, lab, chunk=64).sum()
+        return logprobs.chunked_sequence_logps(h, w, lab, chunk=64).sum()
 
     def full(h, w, lab):
-        return losses.sequence_logps(jnp.einsum("btd,dv->btv", h, w), lab).sum()
+        return logprobs.sequence_logps(jnp.einsum("btd,dv->btv", h, w), lab).sum()
 
     def temp_bytes(f):
         return jax.jit(jax.grad(f, argnums=(0, 1))).lower(h, w, lab).compile() \
@@ -277,7 +277,7 @@ def test_chunks_are_evened_out_not_padded():
     h = jax.ShapeDtypeStruct((b, t, d), jnp.float32)
     w = jax.ShapeDtypeStruct((d, v), jnp.float32)
     tgt = jax.ShapeDtypeStruct((1, b, t), jnp.int32)
-    jaxpr = jax.make_jaxpr(lambda h, w, tgt: losses.chunked_target_logps(h, w, tgt, chunk=128))(h, w, tgt)
+    jaxpr = jax.make_jaxpr(lambda h, w, tgt: logprobs.chunked_target_logps(h, w, tgt, chunk=128))(h, w, tgt)
     shapes = {tuple(e.outvars[0].aval.shape) for e in _all_eqns(jaxpr.jaxpr)
               if e.primitive.name == "dot_general"}
     assert shapes == {(b * 96, v)}, shapes

@@ -9,9 +9,10 @@ import torch.nn.functional as F
 
 from cosa_jax import sharding as shd
 from cosa_jax.models import load_hf
-from cosa_jax.train import optim
+from cosa_jax.train import logprobs, optim
 from cosa_jax.train import data as td
 from cosa_jax.train import step as ts
+from cosa_jax.train.batches import SftBatch, TwoRowBatch
 from cosa_jax.testing.model_fixtures import make_hf_model
 
 VOCAB = 320
@@ -50,16 +51,22 @@ def pair_batch(n_pairs, seed, t=24):
             mask[row, :n] = 1
             labels[row, p:n] = ids[row, p:n]
     pos = np.broadcast_to(np.arange(t, dtype=np.int32), (rows, t)).copy()
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "position_ids": pos}
+    return TwoRowBatch(input_ids=ids, attention_mask=mask, labels=labels, position_ids=pos)
+
+
+def sft_rows(batch, n):
+    """The first n rows of a row batch as an SFT batch."""
+    return SftBatch(input_ids=batch.input_ids[:n], attention_mask=batch.attention_mask[:n],
+                    labels=batch.labels[:n], position_ids=batch.position_ids[:n])
 
 
 def shared_batch(batch):
     """The same pairs in the prompt-shared layout (one row per pair), built by the data module."""
-    n = batch["input_ids"].shape[0] // 2
+    n = batch.input_ids.shape[0] // 2
     examples = []
     for i in range(n):
-        rows = [batch["input_ids"][r][batch["attention_mask"][r] == 1] for r in (i, n + i)]
-        p = int(np.argmax(batch["labels"][i] != -100))
+        rows = [batch.input_ids[r][batch.attention_mask[r] == 1] for r in (i, n + i)]
+        p = int(np.argmax(batch.labels[i] != -100))
         examples.append(td.TokenizedExample(tuple(rows[0][:p].tolist()),
                                             tuple(tuple(r[p:].tolist()) for r in rows), False))
     return td.collate_prompt_shared(examples, pad_id=0, pad_multiple=8)
@@ -80,13 +87,13 @@ def jax_run(path, batches, *, mode="dpo", lr=1e-3, warmup=2, grad_accum=1, mesh_
         state = jax.device_put(state, state_sh)
         if ref is not None:
             ref = jax.device_put(ref, state_sh["params"])
-        example = ts.to_micro_batches(batches[0], grad_accum, mode)
+        example = ts.to_micro_batches(batches[0], grad_accum)
         jitted = ts.jit_train_step(step_fn, mesh, state_sh, example, with_ref=ref is not None)
     else:
         jitted = jax.jit(step_fn)
     history = []
     for batch in batches:
-        micro = ts.to_micro_batches(batch, grad_accum, mode)
+        micro = ts.to_micro_batches(batch, grad_accum)
         state, metrics = jitted(state, ref, micro)
         history.append({k: float(v) for k, v in jax.device_get(metrics).items()})
     return jax.device_get(state["params"]), history, cfg
@@ -106,9 +113,9 @@ def torch_run(path, batches, *, mode="dpo", lr=1e-3, warmup=2, beta=0.1, loss_ty
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / (warmup + 1)))
 
     def seq_logps(model, b):
-        ids = torch.as_tensor(b["input_ids"], dtype=torch.long)
-        logits = model(input_ids=ids, attention_mask=torch.as_tensor(b["attention_mask"])).logits
-        labels = torch.as_tensor(b["labels"], dtype=torch.long)[:, 1:]
+        ids = torch.as_tensor(b.input_ids, dtype=torch.long)
+        logits = model(input_ids=ids, attention_mask=torch.as_tensor(b.attention_mask)).logits
+        labels = torch.as_tensor(b.labels, dtype=torch.long)[:, 1:]
         logp = logits[:, :-1].float().log_softmax(-1)
         keep = labels != -100
         picked = torch.gather(logp, 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
@@ -119,7 +126,7 @@ def torch_run(path, batches, *, mode="dpo", lr=1e-3, warmup=2, beta=0.1, loss_ty
         opt.zero_grad()
         lp = seq_logps(policy, b)
         n = lp.shape[0] // 2
-        length = (torch.as_tensor(b["labels"])[:, 1:] != -100).sum(-1).double()
+        length = (torch.as_tensor(b.labels)[:, 1:] != -100).sum(-1).double()
         if mode == "dpo" and loss_type == "simpo":
             sb, sg = simpo
             r = sb * lp.double() / length
@@ -156,11 +163,11 @@ def test_three_steps_match_pytorch_reference(tiny, mode):
     layout runs each prompt once. PyTorch sees the usual rows and full logits every time."""
     batches = [pair_batch(3, seed=s) for s in range(3)]
     if mode.startswith("sft"):
-        batches = [{k: v[:3] for k, v in b.items()} for b in batches]
+        batches = [sft_rows(b, 3) for b in batches]
     ours_batches = batches
     if mode.endswith("-windows"):
         ours_batches = [td.add_response_windows(b, window_multiple=1) for b in batches]
-        assert ours_batches[0]["targets"].shape[1] < batches[0]["labels"].shape[1] - 1
+        assert ours_batches[0].targets.shape[1] < batches[0].labels.shape[1] - 1
     elif mode.endswith("-prompt-shared"):
         ours_batches = [shared_batch(b) for b in batches]
     mode = mode.split("-")[0]
@@ -232,7 +239,7 @@ def test_nonfinite_update_is_skipped(tiny):
     params["norm"] = params["norm"].at[0].set(jnp.nan)
     state = ts.init_state(params, tx, 0)
     step_fn = jax.jit(ts.make_train_step(cfg, ts.LossConfig(mode="sft"), tx))
-    batch = ts.to_micro_batches({k: v[:2] for k, v in pair_batch(2, seed=1).items()}, 1, "sft")
+    batch = ts.to_micro_batches(sft_rows(pair_batch(2, seed=1), 2), 1)
     new_state, metrics = step_fn(state, None, batch)
     assert float(metrics["nonfinite"]) == 1.0
     assert int(new_state["step"]) == 0
@@ -254,11 +261,10 @@ def test_bf16_compute_shortcuts_keep_the_numbers(tiny):
     weight to bf16 before use either way, and the cast's VJP only widens the bf16 cotangent."""
     model, cfg = load_hf(tiny, compute_dtype="bfloat16")
     params = model.params()
-    micro = jax.tree.map(lambda x: x[0], ts.to_micro_batches(shared_batch(pair_batch(4, seed=3)),
-                                                             1, "dpo"))
+    micro = jax.tree.map(lambda x: x[0], ts.to_micro_batches(shared_batch(pair_batch(4, seed=3)), 1))
     ref_bf16 = ts.reference_params(params, cfg)
     assert {x.dtype for x in jax.tree.leaves(ref_bf16)} == {jnp.dtype(jnp.bfloat16)}
-    logps = jax.jit(lambda p: ts.pair_logps(p, cfg, micro, 128))
+    logps = jax.jit(lambda p: logprobs.pair_logps(p, cfg, micro, 128))
     for a, b in zip(logps(params), logps(ref_bf16)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -298,7 +304,7 @@ def test_other_objectives_match_pytorch_formulas(tiny, loss_type, layout):
     elif layout == "prompt-shared":
         ours = [shared_batch(b) for b in batches]
     if loss_type == "score_margin":
-        ours = [{**b, "pair_score_gap": g} for b, g in zip(ours, gaps)]
+        ours = [b.replace(pair_score_gap=g) for b, g in zip(ours, gaps)]
     kw = dict(simpo_beta=2.5, simpo_gamma=0.5, orpo_lambda=0.3, margin_scale=0.7)
     _, history, _ = jax_run(tiny, ours, loss_type=loss_type, **kw)
     _, ref_losses = torch_run(tiny, batches, loss_type=loss_type, gaps=gaps, simpo=(2.5, 0.5),

@@ -1,13 +1,16 @@
 """Preference data: loading (CoSAlign-Train schema), tokenisation, truncation, batching.
 
-Host-side numpy only (no JAX), so the data pipeline can run in a separate process.
+Host-side numpy only (no JAX computation), so the data pipeline can run in a separate process.
+Batches are the typed containers of ``cosa_jax.train.batches`` (their type says the layout):
 
-Batch layout (both modes), numpy arrays, right-padded with the tokenizer's eos id:
+Row layout (``SftBatch``, ``TwoRowBatch``), numpy arrays, right-padded with the tokenizer's
+eos id:
   input_ids [R, T] int32, attention_mask [R, T] int32 (1 = real token), labels [R, T] int32
   (-100 on prompt and padding), position_ids [R, T] int32 (0..T-1), index [B] int64 (row of each
   example in the tokenised list, e.g. to look up precomputed reference log-probs).
-  DPO: R = 2B, CONCATENATED: rows 0..B-1 are the chosen sequences, rows B..2B-1 the rejected
-  ones of the same pairs in the same order (`losses.split_pairs` undoes it). SFT: R = B.
+  DPO (``TwoRowBatch``): R = 2B, CONCATENATED: rows 0..B-1 are the chosen sequences, rows
+  B..2B-1 the rejected ones of the same pairs in the same order (`losses.split_pairs` undoes
+  it). SFT (``SftBatch``): R = B.
 T is the longest sequence in the batch rounded up to a multiple of `pad_multiple` (64), capped
 at `max_length`, so only a handful of shapes ever get compiled.
 Response windows (`collate`, `add_response_windows`): response_start [R] int32, the position
@@ -15,9 +18,10 @@ before a row's first label; targets [R, W] int32, targets[r, w] = labels[r, resp
 + w] (-100 past the end), W = the longest response rounded up to `window_multiple`, at most
 T - 1. The step projects only these W positions onto the vocabulary, not the prompt.
 
-Prompt-shared DPO layout (`share_prompt=True`, `collate_prompt_shared`): one row per pair,
-[prompt | chosen response | rejected response | padding], so the prompt runs through the model
-once instead of twice (CoSAlign prompts carry the safety config: up to 512 of 640 tokens).
+Prompt-shared DPO layout (``SharedPromptBatch``; `share_prompt=True`, `collate_prompt_shared`):
+one row per pair, [prompt | chosen response | rejected response | padding], so the prompt runs
+through the model once instead of twice (CoSAlign prompts carry the safety config: up to 512
+of 640 tokens).
   input_ids, attention_mask [B, T]; position_ids [B, T] (both responses start at the prompt
   length); segment_ids [B, T] (0 prompt, 1 chosen, 2 rejected: the attention mask keeps the
   responses apart); response_start [B] int32: the prompt's last position P-1, where the
@@ -39,8 +43,9 @@ from pathlib import Path
 import numpy as np
 
 from cosa_jax import chat
+from cosa_jax.train.batches import (IGNORE_INDEX, Batch, RowBatch, SftBatch, SharedPromptBatch,
+                                    TwoRowBatch)
 
-IGNORE_INDEX = -100
 REQUIRED_FIELDS = ("system_prompt", "prompt", "chosen_response", "rejected_response")
 # optional field -> accepted python types (None is always accepted)
 OPTIONAL_FIELDS = {
@@ -320,9 +325,10 @@ def collate(
     max_length: int | None = None,
     window_multiple: int | None = None,
     indices: Sequence[int] | None = None,
-) -> dict[str, np.ndarray]:
-    """Padded numpy batch in the layout described in the module docstring, with response
-    windows in multiples of window_multiple (default pad_multiple)."""
+) -> SftBatch | TwoRowBatch:
+    """Padded numpy batch in the row layout described in the module docstring (a DPO pair's two
+    responses make a ``TwoRowBatch``, one response an ``SftBatch``), with response windows in
+    multiples of window_multiple (default pad_multiple)."""
     n_resp = len(examples[0].response_ids)
     if any(len(e.response_ids) != n_resp for e in examples):
         raise ValueError("cannot mix DPO and SFT examples in one batch")
@@ -341,20 +347,21 @@ def collate(
         attention_mask[r, : len(seq)] = 1
         labels[r, p : len(seq)] = seq[p:]
     idx = np.arange(len(examples)) if indices is None else np.asarray(indices)
-    batch = {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "labels": labels,
-        "position_ids": np.broadcast_to(np.arange(t, dtype=np.int32), (rows, t)).copy(),
-        "index": idx.astype(np.int64),
-    }
+    batch = (TwoRowBatch if n_resp == 2 else SftBatch)(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        labels=labels,
+        position_ids=np.broadcast_to(np.arange(t, dtype=np.int32), (rows, t)).copy(),
+        index=idx.astype(np.int64),
+    )
     return add_response_windows(batch, window_multiple=(pad_multiple if window_multiple is None
                                                          else window_multiple))
 
 
-def add_response_windows(batch: dict[str, np.ndarray], *, window_multiple: int = 64) -> dict:
-    """The batch plus response_start / targets (module docstring), computed from its labels."""
-    labels = np.asarray(batch["labels"])
+def add_response_windows(batch: RowBatch, *, window_multiple: int = 64) -> RowBatch:
+    """The batch (same type) with response_start / targets (module docstring), computed from
+    its labels."""
+    labels = np.asarray(batch.labels)
     rows, t = labels.shape
     has = labels != IGNORE_INDEX
     has[:, 0] = False  # position 0 is never predicted
@@ -366,7 +373,7 @@ def add_response_windows(batch: dict[str, np.ndarray], *, window_multiple: int =
     for r in range(rows):
         span = labels[r, start[r] + 1:start[r] + 1 + w]
         targets[r, :len(span)] = span
-    return {**batch, "response_start": start, "targets": targets}
+    return batch.replace(response_start=start, targets=targets)
 
 
 def collate_prompt_shared(
@@ -377,7 +384,7 @@ def collate_prompt_shared(
     min_length: int = 0,
     window_multiple: int | None = None,
     indices: Sequence[int] | None = None,
-) -> dict[str, np.ndarray]:
+) -> SharedPromptBatch:
     """One row per (chosen, rejected) pair in the prompt-shared layout (module docstring).
 
     T = the longest row rounded up to pad_multiple, at least min_length (one shape for jit);
@@ -417,16 +424,16 @@ def collate_prompt_shared(
             rejected_targets[r, 0] = rejected[0]
             rejected_targets[r, c + 1:c + len(rejected)] = rejected[1:]
     idx = np.arange(len(examples)) if indices is None else np.asarray(indices)
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "position_ids": position_ids,
-        "segment_ids": segment_ids,
-        "response_start": response_start,
-        "chosen_targets": chosen_targets,
-        "rejected_targets": rejected_targets,
-        "index": idx.astype(np.int64),
-    }
+    return SharedPromptBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        segment_ids=segment_ids,
+        response_start=response_start,
+        chosen_targets=chosen_targets,
+        rejected_targets=rejected_targets,
+        index=idx.astype(np.int64),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -471,8 +478,8 @@ def iterate_batches(
     drop_last: bool = True,
     pad_multiple: int = 64,
     max_length: int | None = None,
-    collate_fn: Callable[[list[TokenizedExample], np.ndarray], dict] | None = None,
-) -> Iterator[tuple[dict[str, np.ndarray], DataPosition]]:
+    collate_fn: Callable[[list[TokenizedExample], np.ndarray], Batch] | None = None,
+) -> Iterator[tuple[Batch, DataPosition]]:
     """Yield (batch, position after this batch) from `start`, for `epochs` epochs (None = forever).
 
     drop_last keeps every batch the same size (fixed shapes under jit); the dropped tail differs

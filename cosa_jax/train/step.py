@@ -1,18 +1,19 @@
 """The train step: one ``jax.jit`` boundary with explicit shardings and a donated state.
 
 State is a plain dict pytree ``{"step", "params", "opt_state", "rng"}`` so that Orbax saves and
-restores it onto any mesh. Batches arrive as ``[grad_accum, rows, T]`` (rows = 2 x pairs for
-DPO, chosen rows first, then rejected, or one prompt-shared row per pair; see
-``cosa_jax.train.data``), sharded on the rows axis
-over (data, fsdp); the step scans over the micro-batches, sums fp32 gradients, averages them and
-applies one optimiser update. A non-finite loss or gradient leaves the state untouched and is
-reported in the metrics, so the host can stop with the last good state.
+restores it onto any mesh. Batches are the typed containers of ``cosa_jax.train.batches``
+(``SftBatch``, ``TwoRowBatch``: rows = 2 x pairs, chosen rows first, then rejected;
+``SharedPromptBatch``: one row per pair), each field ``[grad_accum, rows, ...]``, sharded on
+the rows axis over (data, fsdp) (``batch_shardings``); the step scans over the micro-batches,
+sums fp32 gradients, averages them and applies one optimiser update. A non-finite loss or
+gradient leaves the state untouched and is reported in the metrics, so the host can stop with
+the last good state.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +23,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cosa_jax import sharding as shd
 from cosa_jax.models.config import LlamaConfig
-from cosa_jax.models.llama import Params, forward_hidden, unembed_matrix
-from cosa_jax.train import losses
+from cosa_jax.models.llama import Params
+from cosa_jax.train import logprobs, losses
+from cosa_jax.train.batches import PAIR_KEYS, ROW_KEYS, Batch, TwoRowBatch
 
 State = dict
 
@@ -37,7 +39,7 @@ class LossConfig:
     loss_type: str = "sigmoid"
     precomputed_ref: bool = False     # batch carries ref_chosen_logps / ref_rejected_logps
     logps_chunk: int = 128
-    save_logits: bool = False         # losses.chunked_target_logps: no logits recompute
+    save_logits: bool = False         # logprobs.chunked_target_logps: no logits recompute
     simpo_beta: float = 2.0
     simpo_gamma: float = 1.0
     orpo_lambda: float = 0.1
@@ -62,73 +64,18 @@ class LossConfig:
         return self.mode == "dpo" and self.loss_type == "score_margin"
 
 
-def response_window(hidden_btd: jax.Array, start_b: jax.Array, width: int) -> jax.Array:
-    """hidden[b, start_b[b] : start_b[b] + width] as [b, width, d]. Only these positions meet
-    the vocabulary projection; the prompt's positions predict nothing we score. Padding by
-    ``width`` keeps every row's slice in range."""
-    padded_btd = jnp.pad(hidden_btd, ((0, 0), (0, width), (0, 0)))
-    return jax.vmap(lambda h_td, s: jax.lax.dynamic_slice_in_dim(h_td, s, width, axis=0))(
-        padded_btd, start_b)
-
-
-def sequence_logps(params: Params, cfg: LlamaConfig, micro: dict, chunk: int,
-                   save_logits: bool = False) -> jax.Array:
-    """Summed response log-probs [rows] without materialising [rows, T, V] logits: over the
-    response windows when the batch has them (``data.collate``), else over all positions."""
-    hidden_btd, _ = forward_hidden(params, cfg, micro["input_ids"], micro["attention_mask"],
-                                   micro["position_ids"])
-    w_dv = unembed_matrix(params, cfg).astype(hidden_btd.dtype)
-    if "targets" in micro:
-        window_bwd = response_window(hidden_btd, micro["response_start"], micro["targets"].shape[-1])
-        return losses.chunked_target_logps(window_bwd, w_dv, micro["targets"][None], chunk=chunk,
-                                           save_logits=save_logits)[0].sum(axis=-1)
-    return losses.chunked_sequence_logps(hidden_btd, w_dv, micro["labels"], chunk=chunk,
-                                         save_logits=save_logits)
-
-
-def pair_logps(params: Params, cfg: LlamaConfig, micro: dict, chunk: int,
-               save_logits: bool = False) -> tuple[jax.Array, jax.Array]:
-    """Summed (chosen, rejected) response log-probs [pairs] of a DPO micro-batch in either layout:
-    concatenated rows, or one prompt-shared row per pair (``segment_ids`` present)."""
-    if "segment_ids" not in micro:
-        return losses.split_pairs(sequence_logps(params, cfg, micro, chunk, save_logits))
-    hidden_btd, _ = forward_hidden(params, cfg, micro["input_ids"], micro["attention_mask"],
-                                   micro["position_ids"], segment_ids_bt=micro["segment_ids"])
-    window_bwd = response_window(hidden_btd, micro["response_start"],
-                                 micro["chosen_targets"].shape[-1])
-    w_dv = unembed_matrix(params, cfg).astype(hidden_btd.dtype)
-    targets_kbw = jnp.stack([micro["chosen_targets"], micro["rejected_targets"]])
-    logp_kbw = losses.chunked_target_logps(window_bwd, w_dv, targets_kbw, chunk=chunk,
-                                           save_logits=save_logits)
-    chosen_b, rejected_b = logp_kbw.sum(axis=-1)
-    return chosen_b, rejected_b
-
-
-def pair_lengths(micro: dict) -> tuple[jax.Array, jax.Array]:
-    """Scored tokens of the (chosen, rejected) responses [pairs], after truncation: the |y| that
-    SimPO and ORPO normalise by, read off the same targets the log-probs sum over."""
-    if "segment_ids" in micro:
-        return ((micro["chosen_targets"] != losses.IGNORE_INDEX).sum(-1),
-                (micro["rejected_targets"] != losses.IGNORE_INDEX).sum(-1))
-    if "targets" in micro:
-        n_rows = (micro["targets"] != losses.IGNORE_INDEX).sum(-1)
-    else:
-        n_rows = (micro["labels"][:, 1:] != losses.IGNORE_INDEX).sum(-1)
-    return losses.split_pairs(n_rows)
-
-
-def loss_and_metrics(params: Params, ref_params: Params | None, micro: dict,
+def loss_and_metrics(params: Params, ref_params: Params | None, micro: Batch,
                      cfg: LlamaConfig, loss_cfg: LossConfig):
     """Scalar loss of one micro-batch and its metrics (batch means, TRL names)."""
     if loss_cfg.mode == "sft":
-        logps = sequence_logps(params, cfg, micro, loss_cfg.logps_chunk, loss_cfg.save_logits)
-        loss, n_tokens = losses.sft_loss(logps, micro["labels"])
+        logps = logprobs.row_logps(params, cfg, micro, loss_cfg.logps_chunk, loss_cfg.save_logits)
+        loss, n_tokens = losses.sft_loss(logps, micro.labels)
         return loss, {"loss": loss, "logps/chosen": jnp.mean(jax.lax.stop_gradient(logps)),
                       "tokens/target": n_tokens.astype(jnp.float32)}
-    pol_c, pol_r = pair_logps(params, cfg, micro, loss_cfg.logps_chunk, loss_cfg.save_logits)
+    pol_c, pol_r = logprobs.pair_logps(params, cfg, micro, loss_cfg.logps_chunk, loss_cfg.save_logits)
     lt, extra = loss_cfg.loss_type, {}
     if lt in losses.REFERENCE_FREE:
-        len_c, len_r = pair_lengths(micro)
+        len_c, len_r = logprobs.pair_lengths(micro)
         if lt == "simpo":
             per_pair, rew_c, rew_r = losses.simpo_loss(pol_c, pol_r, len_c, len_r,
                                                        beta=loss_cfg.simpo_beta,
@@ -139,13 +86,13 @@ def loss_and_metrics(params: Params, ref_params: Params | None, micro: dict,
             extra["nll"] = jnp.mean(nll)
     else:
         if loss_cfg.precomputed_ref:
-            ref_c, ref_r = micro["ref_chosen_logps"], micro["ref_rejected_logps"]
+            ref_c, ref_r = micro.ref_chosen_logps, micro.ref_rejected_logps
         else:
             ref_c, ref_r = jax.lax.stop_gradient(
-                pair_logps(ref_params, cfg, micro, loss_cfg.logps_chunk))
+                logprobs.pair_logps(ref_params, cfg, micro, loss_cfg.logps_chunk))
         if lt == "score_margin":
             per_pair, rew_c, rew_r = losses.score_margin_dpo_loss(
-                pol_c, pol_r, ref_c, ref_r, micro["pair_score_gap"], beta=loss_cfg.beta,
+                pol_c, pol_r, ref_c, ref_r, micro.pair_score_gap, beta=loss_cfg.beta,
                 margin_scale=loss_cfg.margin_scale)
         else:
             per_pair, rew_c, rew_r = losses.dpo_loss(pol_c, pol_r, ref_c, ref_r, beta=loss_cfg.beta,
@@ -179,7 +126,7 @@ def make_train_step(cfg: LlamaConfig, loss_cfg: LossConfig, tx: optax.GradientTr
                     lr_schedule: Callable | None = None):
     """The pure step ``(state, ref_params, batch) -> (state, metrics)``."""
 
-    def train_step(state: State, ref_params: Params | None, batch: dict):
+    def train_step(state: State, ref_params: Params | None, batch: Batch):
         params = state["params"]
         compute_params = with_compute_layers(params, cfg)
         # bfloat16: the accumulator and the averaged gradients that reach the optimiser stay
@@ -196,7 +143,7 @@ def make_train_step(cfg: LlamaConfig, loss_cfg: LossConfig, tx: optax.GradientTr
             metrics_acc = jax.tree.map(jnp.add, metrics_acc, metrics)
             return (grads_acc, metrics_acc), None
 
-        n_micro = batch["input_ids"].shape[0]
+        n_micro = batch.input_ids.shape[0]
         first = jax.tree.map(lambda x: x[0], batch)
         if n_micro == 1:
             # No fp32 accumulator to zero-fill and add into (two passes over the parameters).
@@ -256,16 +203,15 @@ def micro_batch_sharding(mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, P(None, shd.LOGICAL_TO_MESH["batch"], *([None] * (ndim - 2))))
 
 
-# Per-pair side values (precomputed reference log-probs, score gaps) by key prefix.
-PER_PAIR_PREFIXES = ("ref_", "pair_")
-
-
-def batch_sharding_for(key: str, ndim: int, mesh) -> NamedSharding:
-    """Sequences over (data, fsdp); per-pair side values replicated (tiny, and a pair count
-    need not divide the device count)."""
-    if key.startswith(PER_PAIR_PREFIXES):
-        return shd.replicated(mesh)
-    return micro_batch_sharding(mesh, ndim)
+def batch_shardings(batch: Batch, mesh) -> Batch:
+    """The batch's shardings, one rule per field, as the same container: the per-pair side
+    values (``batches.PAIR_KEYS``) replicated (tiny, and a pair count need not divide the
+    device count), every other field's rows over the rules table's ``batch`` axes; a field
+    left None gets none. Takes a micro-batched batch (``to_micro_batches``) or its shapes."""
+    return batch.replace(**{
+        f.name: (None if (x := getattr(batch, f.name)) is None else
+                 shd.replicated(mesh) if f.name in PAIR_KEYS else micro_batch_sharding(mesh, x.ndim))
+        for f in dataclasses.fields(batch)})
 
 
 def state_shardings(state_shapes: State, tx: optax.GradientTransformation, mesh) -> State:
@@ -282,27 +228,25 @@ def init_state(params: Params, tx: optax.GradientTransformation, seed: int) -> S
             "rng": jax.random.key_data(jax.random.key(seed))}
 
 
-def jit_train_step(step_fn, mesh, state_sh: State, batch_example: dict, with_ref: bool):
+def jit_train_step(step_fn, mesh, state_sh: State, batch_example: Batch, with_ref: bool):
     """``jax.jit`` with explicit in/out shardings; the state (argument 0) is donated."""
-    batch_sh = {k: batch_sharding_for(k, v.ndim, mesh) for k, v in batch_example.items()}
+    batch_sh = batch_shardings(batch_example, mesh)
     ref_sh = state_sh["params"] if with_ref else None
     return jax.jit(step_fn, in_shardings=(state_sh, ref_sh, batch_sh),
                    out_shardings=(state_sh, shd.replicated(mesh)), donate_argnums=(0,))
 
 
-# Keys with one entry per row of the concatenated layout (chosen rows, then rejected rows).
-ROW_KEYS = ("input_ids", "attention_mask", "labels", "position_ids", "response_start", "targets")
-
-
-def to_micro_batches(batch: dict[str, Any], grad_accum: int, mode: str) -> dict:
-    """Host batch ``[rows, ...]`` -> ``[grad_accum, rows/grad_accum, ...]``, keeping each
-    micro-batch's chosen rows paired with its rejected rows (prompt-shared rows are pairs
-    already)."""
-    out = {}
-    for key, x in batch.items():
-        if key == "index":
+def to_micro_batches(batch: Batch, grad_accum: int) -> Batch:
+    """Host batch ``[rows, ...]`` -> the same container ``[grad_accum, rows/grad_accum, ...]``,
+    keeping each micro-batch's chosen rows paired with its rejected rows (a ``TwoRowBatch``'s
+    row fields; prompt-shared rows are pairs already, per-pair values split like the pairs).
+    The host-only ``index`` is dropped."""
+    concatenated = isinstance(batch, TwoRowBatch)
+    out = {"index": None}
+    for field in dataclasses.fields(batch):
+        key, x = field.name, getattr(batch, field.name)
+        if key == "index" or x is None:
             continue
-        concatenated = mode == "dpo" and "segment_ids" not in batch
         if concatenated and key in ROW_KEYS:
             half = x.shape[0] // 2
             if half % grad_accum:
@@ -315,4 +259,4 @@ def to_micro_batches(batch: dict[str, Any], grad_accum: int, mode: str) -> dict:
                 raise ValueError(f"batch of {x.shape[0]} rows does not split into "
                                  f"grad_accum={grad_accum} micro-batches")
             out[key] = x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:])
-    return out
+    return batch.replace(**out)

@@ -25,12 +25,11 @@ from cosa_jax.train import atomic_files
 from cosa_jax.train import checkpoints as ckpt
 from cosa_jax.train import config as tc
 from cosa_jax.train import data as td
-from cosa_jax.train import losses, memory_plan, optim
+from cosa_jax.train import logprobs, losses, memory_plan, optim
 from cosa_jax.train import step as ts
+from cosa_jax.train.batches import Batch
 from cosa_jax.train.metrics_log import MetricsLog, plot_curves
 
-
-SEQ_KEYS = ("input_ids", "attention_mask", "labels", "position_ids", "response_start", "targets")
 
 
 class TrainingDiverged(RuntimeError):
@@ -164,7 +163,7 @@ class Trainer:
         not sit in device memory during training."""
         self.ref_logps = {}
         # Replicated out: every process reads all rows (a batch-sharded result spans processes).
-        fn = jax.jit(lambda p, b: ts.sequence_logps(p, self.mcfg, b, self.loss_cfg.logps_chunk),
+        fn = jax.jit(lambda p, b: logprobs.row_logps(p, self.mcfg, b, self.loss_cfg.logps_chunk),
                      out_shardings=shd.replicated(self.mesh))
         micro_pairs = self.c.train.batch_size // self.c.train.grad_accum
         for tag, examples in (("train", self.train_examples), ("eval", self.eval_examples)):
@@ -183,8 +182,9 @@ class Trainer:
                                    pad_multiple=self.pad_multiple,
                                    max_length=self.c.data.max_length,
                                    window_multiple=self._window_multiple())
-                dev = {k: _global_array(batch[k], shd.batch_sharding(self.mesh, batch[k].ndim))
-                       for k in SEQ_KEYS}
+                rows = batch.replace(index=None)
+                dev = jax.tree.map(lambda x: _global_array(x, shd.batch_sharding(self.mesh, x.ndim)),
+                                   rows)
                 logps = np.asarray(jax.device_get(fn(params, dev)))
                 out[idx, 0], out[idx, 1] = logps[:micro_pairs], logps[micro_pairs:]
             if self.is_main:
@@ -216,7 +216,7 @@ class Trainer:
         multiple = self._response_budget() * (2 if self.share_prompt else 1)
         return multiple if multiple > 0 else d.pad_multiple
 
-    def _collate(self, examples, idx) -> dict:
+    def _collate(self, examples, idx) -> Batch:
         if self.share_prompt:
             return td.collate_prompt_shared(examples, pad_id=self.pad_id,
                                             pad_multiple=self.c.data.pad_multiple,
@@ -226,18 +226,17 @@ class Trainer:
                           max_length=self.c.data.max_length,
                           window_multiple=self._window_multiple(), indices=idx)
 
-    def _device_batch(self, batch: dict, tag: str = "train", grad_accum: int | None = None):
+    def _device_batch(self, batch: Batch, tag: str = "train", grad_accum: int | None = None):
         grad_accum = grad_accum or self.c.train.grad_accum
-        host = ts.to_micro_batches(batch, grad_accum, self.mode)
         per_pair = {}
         if self.loss_cfg.precomputed_ref:
-            ref = self.ref_logps[tag][batch["index"]]
+            ref = self.ref_logps[tag][batch.index]
             per_pair.update(ref_chosen_logps=ref[:, 0], ref_rejected_logps=ref[:, 1])
         if self.loss_cfg.needs_score_gap:
-            per_pair["pair_score_gap"] = self.score_gaps[tag][batch["index"]]
-        # [pairs] -> [grad_accum, pairs/grad_accum]: the same split as the pairs' rows.
-        host.update(ts.to_micro_batches(per_pair, grad_accum, "sft"))
-        return {k: _global_array(v, ts.batch_sharding_for(k, v.ndim, self.mesh)) for k, v in host.items()}
+            per_pair["pair_score_gap"] = self.score_gaps[tag][batch.index]
+        # Per-pair values split [pairs] -> [grad_accum, pairs/grad_accum] like the pairs' rows.
+        host = ts.to_micro_batches(batch.replace(**per_pair), grad_accum)
+        return jax.tree.map(_global_array, host, ts.batch_shardings(host, self.mesh))
 
     def _log(self, line: str) -> None:
         if self.is_main:
@@ -329,7 +328,7 @@ class Trainer:
                         f"grad_norm={metrics['grad_norm']}); the update was skipped and the "
                         f"newest checkpoint is step {manager.latest_step()} in {self.ckpt_dir}")
                 step += 1
-                metrics["tokens_per_sec"] = float(batch["attention_mask"].sum()) / dt
+                metrics["tokens_per_sec"] = float(batch.attention_mask.sum()) / dt
                 last_metrics = metrics
                 if self.c.train.eval_every and step % self.c.train.eval_every == 0:
                     eval_metrics = self._evaluate(state["params"])

@@ -116,3 +116,22 @@ def positive(key: str, value: Any, *, allow_zero: bool = False) -> None:
     ok = value >= 0 if allow_zero else value > 0
     if not ok:
         raise ConfigError(f"config key {key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def check_taxonomy_and_judge(c: Any) -> None:
+    """The keys synthesis and evaluation configs share: ``taxonomy``, ``train_categories`` (names
+    in that taxonomy; [] = its seen ones) and ``judge.structured_outputs`` / ``judge.rating``."""
+    from cosa_jax import judges
+    from cosa_jax.taxonomy import taxonomy_from_config
+    try:
+        tax = taxonomy_from_config(c)
+    except ValueError as e:
+        raise ConfigError(f"config key taxonomy: {e}") from None
+    try:
+        tax.parse_categories(c.train_categories)
+    except ValueError as e:
+        raise ConfigError(f"config key train_categories: {e}") from None
+    try:
+        judges.check_judge_options(c.judge.structured_outputs, c.judge.rating, where="config.judge")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import ml_collections
 
-from cosa_jax.config_tools import ConfigError, check_keys, one_of, positive
+from cosa_jax.config_tools import ConfigError, check_keys, check_taxonomy_and_judge, one_of, positive
 from cosa_jax.endpoint.client import EndpointConfig
 from cosa_jax.endpoint.config import endpoint_section
 from cosa_jax.eval.baselines import BASELINES
-from cosa_jax.taxonomy import SEEN_CATEGORIES, taxonomy_from_config
+from cosa_jax.taxonomy import SEEN_CATEGORIES
 
 DATASETS = ("cosalign_test", "cosapien")
 KINDS = ("openai", "callable")
@@ -87,25 +87,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
     one_of("baseline.on_invalid", c.baseline.on_invalid, ON_INVALID)
     positive("max_new_tokens", c.max_new_tokens)
     positive("judge.max_tokens", c.judge.max_tokens)
-    from cosa_jax import judges
-    try:
-        judges.check_judge_options(c.judge.structured_outputs, c.judge.rating, where="config.judge")
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
     positive("baseline.k", c.baseline.k, allow_zero=True)
     positive("baseline.self_check_max_tokens", c.baseline.self_check_max_tokens)
     positive("dataset.limit_per_config", c.dataset.limit_per_config, allow_zero=True)
     positive("dataset.limit", c.dataset.limit, allow_zero=True)
     if not c.output_dir:
         bad("output_dir", "no output directory given")
-    try:
-        tax = taxonomy_from_config(c)
-    except ValueError as e:
-        bad("taxonomy", str(e))
-    try:
-        tax.parse_categories(c.train_categories)
-    except ValueError as e:
-        bad("train_categories", str(e))
+    check_taxonomy_and_judge(c)
     if c.baseline.name == "in_context" and c.dataset.name != "cosapien" and not c.baseline.train_pairs:
         bad("baseline.train_pairs", "baseline 'in_context' on category configs needs baseline.train_pairs: "
                                     "a file or folder of training pairs in the CoSAlign-Train schema "

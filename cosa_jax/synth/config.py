@@ -10,10 +10,10 @@ from __future__ import annotations
 import ml_collections
 
 from cosa_jax import safety_configs as sc
-from cosa_jax.config_tools import ConfigError, check_keys, one_of, positive
+from cosa_jax.config_tools import ConfigError, check_keys, check_taxonomy_and_judge, one_of, positive
 from cosa_jax.endpoint.client import EndpointConfig
 from cosa_jax.endpoint.config import endpoint_section
-from cosa_jax.taxonomy import SEEN_CATEGORIES, taxonomy_from_config
+from cosa_jax.taxonomy import SEEN_CATEGORIES
 
 ROLES = ("permissive", "safe", "judge")
 SOURCE_KINDS = ("mini", "file", "hub")
@@ -82,23 +82,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
             bad(f"sources[{i}].path", "kind 'file' needs a path")
         if src["kind"] == "hub" and not src.get("preset"):
             bad(f"sources[{i}].preset", "kind 'hub' needs a preset")
-    try:
-        tax = taxonomy_from_config(c)
-    except ValueError as e:
-        bad("taxonomy", str(e))
-    try:
-        tax.parse_categories(c.train_categories)
-    except ValueError as e:
-        bad("train_categories", str(e))
+    check_taxonomy_and_judge(c)
     positive("min_label_group", c.min_label_group)
     positive("max_per_label_group", c.max_per_label_group)
     positive("length_filter.max", c.length_filter.max)
     positive("judge_retries", c.judge_retries, allow_zero=True)
-    from cosa_jax import judges
-    try:
-        judges.check_judge_options(c.judge.structured_outputs, c.judge.rating, where="config.judge")
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
     for key in ("n_superset", "n_not_superset", "n_safe"):
         positive(f"generation.{key}", c.generation[key], allow_zero=True)
     for key in ("alpha", "beta", "gamma"):

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ml_collections
+
 from cosa_jax.endpoint.journal import read_counts
 
 
@@ -30,7 +32,7 @@ def run_progress(run_dir: str | Path) -> dict[str, Any]:
     is_synth = any((run / d).exists() for d in stages.OUTPUT_DIR.values()) or any(
         (jdir / f"{s}.sqlite").exists() for s in stages.STAGES
     )
-    cfg = {"out_dir": str(run)}
+    cfg = ml_collections.ConfigDict({"out_dir": str(run)})  # all stage_complete reads
     if is_synth:
         for s in stages.STAGES:
             done, why = stages.stage_complete(cfg, s)

@@ -136,7 +136,7 @@ def test_no_usable_checkpoint_stops_with_one_line_naming_the_directory(
     assert p.returncode == 1
     assert "Traceback" not in p.stderr
     last = p.stderr.strip().splitlines()[-1]
-    assert last.startswith("[cosa-jax] error: no usable checkpoint in ")
+    assert last.startswith("cosa-jax train: error: no usable checkpoint in ")
     assert str(out / "checkpoints") in last and "6, 4" in last
     assert sorted(s.name for s in (out / "checkpoints").iterdir()) == ["4", "6"]  # untouched
     assert not (out / "metrics.jsonl").exists()  # nothing restarted

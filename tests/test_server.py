@@ -614,8 +614,8 @@ def test_launch_serve_upstream_runs_the_gateway(served, tiny_dir, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "launch.serve", "--upstream", open_srv.base_url, "--port", str(port),
-         "--auth-registry", str(path / "registry.json"), "--default-config", DEFAULT_CONFIG],
+        [sys.executable, "-m", "launch.serve", f"--config.upstream={open_srv.base_url}", f"--config.port={port}",
+         f"--config.auth_registry={path / 'registry.json'}", f"--config.default_safety_config={DEFAULT_CONFIG}"],
         cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 120

@@ -325,7 +325,7 @@ def test_every_judge_parses_on_the_embedded_model_through_the_server(tmp_path):
     model = ChatModel.load(EMBEDDED_MODEL)
     jobs = []
     for n, kind in enumerate(KINDS):
-        picked = [dict(r) for r in rows[n::4][:10]]
+        picked = [dict(r) for r in (rows[n:] + rows[:n])[::4][:10]]  # 10 rows per kind
         for i, r in enumerate(picked):   # vary them: unicode, upper case, a longer request
             if i % 3 == 1:
                 r["prompt"] = r["prompt"].upper()

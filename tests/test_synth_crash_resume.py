@@ -116,7 +116,10 @@ EXTERNAL = "label_responses"  # SIGKILL from outside once this stage's journal h
 
 
 def _cfg(out):
-    return {"out_dir": str(out)}
+    from cosa_jax.synth.config import default_config
+    c = default_config()
+    c.out_dir = str(out)
+    return c
 
 
 def _snapshot(out: Path) -> dict:

@@ -164,8 +164,20 @@ def _write_atomic(obj: datasets.Dataset | datasets.DatasetDict, path: Path) -> N
     if tmp.exists():
         shutil.rmtree(tmp)
     datasets.disable_progress_bars()  # one bar per save is noise next to the request bars
-    obj.save_to_disk(str(tmp))
+    # An empty split saved with datasets' default shard count has no arrow file and cannot be
+    # loaded back (IndexError): save every empty split as one (empty) shard.
+    if isinstance(obj, datasets.DatasetDict):
+        shards = {k: 1 for k, v in obj.items() if len(v) == 0}
+        obj.save_to_disk(str(tmp), num_shards={k: shards.get(k, None) or _default_shards(v) for k, v in obj.items()}
+                         if shards else None)
+    else:
+        obj.save_to_disk(str(tmp), num_shards=1 if len(obj) == 0 else None)
     _replace_dir(tmp, path)
+
+
+def _default_shards(d: datasets.Dataset) -> int:
+    """datasets' own rule: one shard per max_shard_size (500 MB) of data, at least one."""
+    return max(1, -(-d.data.nbytes // (500 << 20)))
 
 
 def _write_jsonl_dir(splits: Mapping[str, Sequence[Mapping[str, Any]]], path: Path) -> None:

@@ -287,8 +287,9 @@ class Trainer:
         restored = ckpt.restore_newest(manager, abstract, log=self._log)
         if restored is not None:
             state, position = restored.state, restored.position
-            self._log(f"[cosa-jax] resumed from {self.ckpt_dir} at step {restored.step} "
-                      f"(epoch {position.epoch}, example {position.index})")
+            # every process says so: on a multi-host run each host's log shows its own resume
+            print(f"[cosa-jax] resumed from {self.ckpt_dir} at step {restored.step} "
+                  f"(epoch {position.epoch}, example {position.index})", flush=True)
         step = int(jax.device_get(state["step"]))
         metrics_log = MetricsLog(self.out, resume_step=step, enabled=self.is_main)
 

@@ -165,13 +165,13 @@ def _write_atomic(obj: datasets.Dataset | datasets.DatasetDict, path: Path) -> N
         shutil.rmtree(tmp)
     datasets.disable_progress_bars()  # one bar per save is noise next to the request bars
     # An empty split saved with datasets' default shard count has no arrow file and cannot be
-    # loaded back (IndexError): save every empty split as one (empty) shard.
+    # loaded back (IndexError): save every empty split that has columns as one (empty) shard.
     if isinstance(obj, datasets.DatasetDict):
-        shards = {k: 1 for k, v in obj.items() if len(v) == 0}
+        shards = {k: 1 for k, v in obj.items() if len(v) == 0 and v.features}
         obj.save_to_disk(str(tmp), num_shards={k: shards.get(k, None) or _default_shards(v) for k, v in obj.items()}
                          if shards else None)
     else:
-        obj.save_to_disk(str(tmp), num_shards=1 if len(obj) == 0 else None)
+        obj.save_to_disk(str(tmp), num_shards=1 if len(obj) == 0 and obj.features else None)
     _replace_dir(tmp, path)
 
 

@@ -134,6 +134,20 @@ def _hub_load(hub_id: str, *args: Any, **kw: Any):
         ) from e
 
 
+def rows_from_source(source: str, *, split: str, what: str,
+                     mini: str = "xstest_mini.jsonl") -> list[tuple[str, dict[str, Any]]]:
+    """(where, row) pairs of a prompt set: ``mini`` (the shipped ``mini`` file), a local file, or a
+    hub id (anything with a '/' that is not an existing path); ``what`` names it in errors."""
+    if source in ("", "mini"):
+        return read_rows(shipped_path(mini))
+    if Path(source).exists():
+        return read_rows(source)
+    if "/" in source:
+        ds = _hub_load(source, split=split)
+        return [(f"{source}[{split}][{i}]", dict(r)) for i, r in enumerate(ds)]
+    raise FileNotFoundError(f"{what} source {source!r}: not 'mini', an existing file or a hub id")
+
+
 def _limit(examples: list[EvalExample], limit_per_config: int | None, limit: int | None) -> list[EvalExample]:
     if limit_per_config:
         seen: dict[str, int] = {}

@@ -11,11 +11,10 @@ to a general judge model (offline: the embedded model through our server). Sourc
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 from typing import Any, Sequence
 
 from cosa_jax import judges
-from cosa_jax.eval.datasets import _hub_load, read_rows, shipped_path
+from cosa_jax.eval.datasets import rows_from_source
 
 FORMATS = {"llama_guard": judges.LLAMA_GUARD, "judge_prompt": judges.GENERAL_SAFETY}
 
@@ -28,15 +27,7 @@ def classifier(fmt: str) -> judges.Judge:
 
 def load_prompts(source: str = "mini", *, prompt_field: str = "prompt", split: str = "train",
                  limit: int = 0) -> list[str]:
-    if source in ("", "mini"):
-        rows = read_rows(shipped_path("xstest_mini.jsonl"))
-    elif Path(source).exists():
-        rows = read_rows(source)
-    elif "/" in source:
-        ds = _hub_load(source, split=split)
-        rows = [(f"{source}[{split}][{i}]", dict(r)) for i, r in enumerate(ds)]
-    else:
-        raise FileNotFoundError(f"general-safety source {source!r}: not 'mini', an existing file or a hub id")
+    rows = rows_from_source(source, split=split, what="general-safety")
     out = []
     for where, r in rows:
         p = r.get(prompt_field)

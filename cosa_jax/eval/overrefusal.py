@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from cosa_jax import judges
-from cosa_jax.eval.datasets import _hub_load, read_rows, shipped_path
+from cosa_jax.eval.datasets import rows_from_source
 
 HELPFUL_SYSTEM_PROMPT = "You are a helpful assistant."
 LABELS = ("safe", "unsafe")
@@ -44,15 +43,7 @@ def _item(row: Mapping[str, Any], where: str) -> RefusalItem:
 
 def load_items(source: str = "mini", *, split: str = "test", limit: int = 0) -> list[RefusalItem]:
     """``mini``, a local file, or a hub id (anything with a '/' that is not an existing path)."""
-    if source in ("", "mini"):
-        rows = read_rows(shipped_path("xstest_mini.jsonl"))
-    elif Path(source).exists():
-        rows = read_rows(source)
-    elif "/" in source:
-        ds = _hub_load(source, split=split)
-        rows = [(f"{source}[{split}][{i}]", dict(r)) for i, r in enumerate(ds)]
-    else:
-        raise FileNotFoundError(f"over-refusal source {source!r}: not 'mini', an existing file or a hub id")
+    rows = rows_from_source(source, split=split, what="over-refusal")
     items = [_item(r, where) for where, r in rows]
     if not items:
         raise ValueError(f"over-refusal source {source!r} holds no prompts")

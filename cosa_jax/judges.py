@@ -653,16 +653,36 @@ def finish_verdict(judge: Judge, text: Any, mode: str, rating: str = "argmax",
     return res
 
 
+@dataclasses.dataclass
+class VerdictTally:
+    """Running verdict counts, for results that arrive in chunks (``verdict_counts`` of them all)."""
+
+    n: int = 0
+    valid: int = 0
+    lenient: int = 0
+    failed: int = 0
+    modes: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def add(self, results: Sequence[JudgeResult | None]) -> "VerdictTally":
+        for r in results:
+            self.n += 1
+            if r is None:
+                self.failed += 1
+                continue
+            self.valid += r.valid
+            self.lenient += r.valid and r.lenient
+            self.modes[r.mode or "off"] = self.modes.get(r.mode or "off", 0) + 1
+        return self
+
+    def counts(self) -> dict[str, Any]:
+        return {"n": self.n, "valid": self.valid, "lenient": self.lenient,
+                "invalid": self.n - self.failed - self.valid, "failed": self.failed,
+                "valid_rate": self.valid / self.n if self.n else None, "modes": dict(self.modes)}
+
+
 def verdict_counts(results: Sequence[JudgeResult | None]) -> dict[str, Any]:
     """valid / lenient / invalid / failed counts and the valid rate, for reports."""
-    done = [r for r in results if r is not None]
-    valid = sum(r.valid for r in done)
-    modes: dict[str, int] = {}
-    for r in done:
-        modes[r.mode or "off"] = modes.get(r.mode or "off", 0) + 1
-    return {"n": len(results), "valid": valid, "lenient": sum(r.valid and r.lenient for r in done),
-            "invalid": len(done) - valid, "failed": len(results) - len(done),
-            "valid_rate": valid / len(results) if results else None, "modes": modes}
+    return VerdictTally().add(results).counts()
 
 
 def run_judge(

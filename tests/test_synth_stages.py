@@ -101,6 +101,28 @@ def test_rerun_sends_nothing_and_is_deterministic(pipeline):
         assert pipeline["first"][split].to_list() == pipeline["second"][split].to_list()
 
 
+def test_chunked_stages_equal_one_chunk(pipeline, tmp_path):
+    """chunk_size bounds memory only: 7 rows at a time gives every stage's output unchanged."""
+    import shutil
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copytree(pipeline["out"] / "journal", out / "journal")  # the same replies, no server
+    cfg = pipeline["cfg"].copy_and_resolve_references()
+    cfg.out_dir, cfg.chunk_size = str(out), 7
+    for role in cfg.endpoints:
+        cfg.endpoints[role].base_url = "http://127.0.0.1:9/v1"  # nothing listens: any request fails
+    stages.run_all(cfg)
+    for stage in stages.STAGES:
+        a = datasets.load_from_disk(str(stages.stage_path(pipeline["cfg"], stage)))
+        b = datasets.load_from_disk(str(stages.stage_path(cfg, stage)))
+        if isinstance(a, datasets.DatasetDict):
+            assert {k: v.to_list() for k, v in a.items()} == {k: v.to_list() for k, v in b.items()}, stage
+        else:
+            assert a.to_list() == b.to_list(), stage
+    assert not list(out.glob("*.parts")) and (out / "pairs_jsonl" / "train.jsonl").read_text() == (
+        pipeline["out"] / "pairs_jsonl" / "train.jsonl").read_text()
+
+
 def test_summaries_count_invalid_and_overlap(pipeline):
     s = lambda name: json.loads((pipeline["out"] / "summaries" / f"{name}.json").read_text())
     assert s("load_prompts")["dropped_test_overlap"] == 2

@@ -32,6 +32,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.seed = 0  # seeds every per-prompt sampler (configs, response plans, dev split)
     c.progress = True  # progress bars per stage
     c.allow_partial = False  # True: go on when some requests failed after retries
+    c.chunk_size = 4096  # rows in memory at once in the generate / label / score / pair stages
     c.sources = [dict(kind="mini")]  # prompt sources: {kind: mini|file|hub, path|preset, field, limit}
     c.test_prompts = []  # test sets whose prompts are dropped (paths or {kind: hub, preset})
     c.length_filter = ml_collections.ConfigDict()
@@ -83,6 +84,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         if src["kind"] == "hub" and not src.get("preset"):
             bad(f"sources[{i}].preset", "kind 'hub' needs a preset")
     check_taxonomy_and_judge(c)
+    positive("chunk_size", c.chunk_size)
     positive("min_label_group", c.min_label_group)
     positive("max_per_label_group", c.max_per_label_group)
     positive("length_filter.max", c.length_filter.max)

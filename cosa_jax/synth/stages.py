@@ -25,7 +25,7 @@ import shutil
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import datasets
 
@@ -180,19 +180,6 @@ def _default_shards(d: datasets.Dataset) -> int:
     return max(1, -(-d.data.nbytes // (500 << 20)))
 
 
-def _write_jsonl_dir(splits: Mapping[str, Sequence[Mapping[str, Any]]], path: Path) -> None:
-    """One ``<split>.jsonl`` per split, written as a whole folder and renamed into place."""
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    for k, rows in splits.items():
-        with open(tmp / f"{k}.jsonl", "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    _replace_dir(tmp, path)
-
-
 def _summary_path(cfg: Any, stage: str) -> Path:
     return _out(cfg) / "summaries" / f"{stage}.json"
 
@@ -279,6 +266,58 @@ def _from_rows(rows: list[dict[str, Any]], features: datasets.Features) -> datas
     return datasets.Dataset.from_list(rows, features=features)
 
 
+def _chunk_size(cfg: Any) -> int:
+    return int(cfg.chunk_size)
+
+
+def _row_chunks(ds: datasets.Dataset, n: int, columns: Sequence[str] | None = None) -> Iterator[list[dict[str, Any]]]:
+    """The rows of a (memory-mapped) stage output, ``n`` at a time, as plain dicts."""
+    if columns is not None:
+        ds = ds.select_columns(list(columns))
+    for batch in ds.iter(batch_size=n):
+        names = list(batch)
+        yield [dict(zip(names, values)) for values in zip(*(batch[k] for k in names))]
+
+
+class _StreamedOutput:
+    """A stage output written part by part as it is produced, then assembled into one dataset.
+
+    Memory holds one part, whatever the run size: each part goes to disk at once and the final
+    dataset is written from the memory-mapped parts (then renamed into place, like every output).
+    """
+
+    def __init__(self, path: Path, features: datasets.Features):
+        self.path, self.features = path, features
+        self.parts_dir = path.with_name(path.name + ".parts")
+        if self.parts_dir.exists():
+            shutil.rmtree(self.parts_dir)  # parts of a run that was killed: redone from the journal
+        self.parts_dir.mkdir(parents=True)
+        self.parts: list[Path] = []
+        self.rows = 0
+
+    def add(self, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        part = self.parts_dir / f"part-{len(self.parts):05d}"
+        datasets.disable_progress_bars()
+        _from_rows(rows, self.features).save_to_disk(str(part))
+        self.parts.append(part)
+        self.rows += len(rows)
+
+    def dataset(self) -> datasets.Dataset:
+        """All parts as one memory-mapped dataset."""
+        if not self.parts:
+            return _from_rows([], self.features)
+        return datasets.concatenate_datasets([datasets.load_from_disk(str(p)) for p in self.parts])
+
+    def finish(self) -> None:
+        _write_atomic(self.dataset(), self.path)
+        self.discard()
+
+    def discard(self) -> None:
+        shutil.rmtree(self.parts_dir, ignore_errors=True)
+
+
 def taxonomy(cfg: Any) -> Taxonomy:
     """The config's ``taxonomy`` file (absent or '' = the shipped CoSA taxonomy)."""
     return taxonomy_from_config(cfg)
@@ -304,14 +343,17 @@ def _usage_dict(u: UsageStats) -> dict[str, Any]:
     return dict(vars(u))
 
 
-def _check_failures(results: Sequence[Any], what: str, cfg: Any) -> int:
-    n_failed = sum(r is None for r in results)
+def _check_failures(n_failed: int, what: str, cfg: Any) -> int:
     if n_failed and not cfg.allow_partial:
         raise StageError(
             f"{n_failed} {what} request(s) failed after retries; completed ones are journaled, so "
             "rerunning this stage sends only the missing ones (or set allow_partial=True)"
         )
     return n_failed
+
+
+def _n_failed(results: Sequence[Any]) -> int:
+    return sum(r is None for r in results)
 
 
 # ----- stage 1: load prompts ----------------------------------------------------------------
@@ -388,7 +430,7 @@ def label_prompts(cfg: Any) -> dict[str, Any]:
             return res, client.usage
 
     (results, n_retried), usage = asyncio.run(main())
-    _check_failures(results, "prompt-label", cfg)
+    _check_failures(_n_failed(results), "prompt-label", cfg)
     valid = []
     n_invalid = n_lenient = 0
     modes: dict[str, int] = {}
@@ -499,56 +541,78 @@ def generation_plan(prompt_row: Mapping[str, Any], cfg: Any) -> list[dict[str, A
 
 
 def generate_responses(cfg: Any) -> dict[str, Any]:
-    """~9 responses per prompt: config-conditioned permissive ones plus plain safe ones."""
-    prompts = _read_stage(cfg, "label_prompts").to_list()
+    """~9 responses per prompt: config-conditioned permissive ones plus plain safe ones.
+
+    Prompts go ``chunk_size`` at a time (requests, replies and rows of one chunk in memory)."""
+    prompts_ds = _read_stage(cfg, "label_prompts")
     train = train_categories(cfg)
     skip_outside = bool(cfg.generation.skip_outside_train)
-    n_outside = 0
-    items: list[dict[str, Any]] = []
-    for p in prompts:
-        if skip_outside and not _in_train(p["categories"], train):
-            n_outside += 1  # would be skipped at pairing anyway: do not pay for its responses
-            continue
-        for item in generation_plan(p, cfg):
-            items.append({**item, "prompt_id": p["prompt_id"], "prompt": p["prompt"], "prompt_categories": p["categories"]})
-    by_gen = {g: [it for it in items if it["generator"] == g] for g in ("permissive", "safe")}
     progress = bool(cfg.progress)
+    out = _StreamedOutput(stage_path(cfg, "generate_responses"), RESPONSE_FEATURES)
+    n_prompts = n_outside = n_failed = n_truncated = 0
+    n_chunks = -(-len(prompts_ds) // _chunk_size(cfg)) or 1
+
+    def plan(prompts: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+        nonlocal n_outside
+        items: list[dict[str, Any]] = []
+        for p in prompts:
+            if skip_outside and not _in_train(p["categories"], train):
+                n_outside += 1  # would be skipped at pairing anyway: do not pay for its responses
+                continue
+            for item in generation_plan(p, cfg):
+                items.append({**item, "prompt_id": p["prompt_id"], "prompt": p["prompt"], "prompt_categories": p["categories"]})
+        return {g: [it for it in items if it["generator"] == g] for g in ("permissive", "safe")}
 
     async def main():
+        nonlocal n_prompts, n_failed, n_truncated
+        roles = [g for g in ("permissive", "safe") if _role_used(cfg, g)]
         async with contextlib.AsyncExitStack() as stack:
-            clients = {g: await stack.enter_async_context(ChatClient(endpoint(cfg, g), g)) for g in by_gen if by_gen[g]}
+            clients = {g: await stack.enter_async_context(ChatClient(endpoint(cfg, g), g)) for g in roles}
             with _journal(cfg, "generate_responses") as j:
-                outs = await asyncio.gather(
-                    *(
+                for c, prompts in enumerate(_row_chunks(prompts_ds, _chunk_size(cfg))):
+                    n_prompts += len(prompts)
+                    by_gen = plan(prompts)
+                    part = f" [{c + 1}/{n_chunks}]" if n_chunks > 1 else ""
+                    gens = [g for g in clients if by_gen[g]]
+                    outs = await asyncio.gather(*(
                         run_requests(
                             clients[g], j,
                             [ChatRequest(sc.config_messages(it["system_prompt"], it["prompt"]), salt=it["salt"]) for it in by_gen[g]],
-                            desc=f"generate ({g})", progress=progress,
+                            desc=f"generate ({g}){part}", progress=progress,
                         )
-                        for g in clients
-                    )
-                )
-            return dict(zip(clients, outs)), {g: c.usage for g, c in clients.items()}
+                        for g in gens
+                    ))
+                    rows = []
+                    for g, results in zip(gens, outs):
+                        n_failed += _n_failed(results)
+                        for it, res in zip(by_gen[g], results):
+                            if res is None:
+                                continue
+                            row = {k: it[k] for k in RESPONSE_FEATURES if k not in ("response", "finish_reason")}
+                            rows.append({**row, "response": res["text"], "finish_reason": str(res.get("finish_reason") or "")})
+                    rows.sort(key=lambda r: r["response_id"])  # ids are '<fixed-length prompt id>-...'
+                    n_truncated += sum(r["finish_reason"] == "length" for r in rows)
+                    out.add(rows)
+            return {g: c.usage for g, c in clients.items()}
 
-    results, usage = asyncio.run(main())
-    rows, n_failed = [], 0
-    for g, outs in results.items():
-        n_failed += _check_failures(outs, f"{g}-generation", cfg)
-        for it, out in zip(by_gen[g], outs):
-            if out is None:
-                continue
-            row = {k: it[k] for k in RESPONSE_FEATURES if k not in ("response", "finish_reason")}
-            rows.append({**row, "response": out["text"], "finish_reason": str(out.get("finish_reason") or "")})
-    rows.sort(key=lambda r: r["response_id"])
-    _write_atomic(_from_rows(rows, RESPONSE_FEATURES), stage_path(cfg, "generate_responses"))
+    usage = asyncio.run(main())
+    _check_failures(n_failed, "generation", cfg)
+    out.finish()
     return {
-        "prompts": len(prompts),
+        "prompts": n_prompts,
         "skipped_outside_train": n_outside,
-        "responses": len(rows),
+        "responses": out.rows,
         "failed": n_failed,
-        "truncated": sum(r["finish_reason"] == "length" for r in rows),
+        "truncated": n_truncated,
         "usage": {g: _usage_dict(u) for g, u in usage.items()},
     }
+
+
+def _role_used(cfg: Any, generator: str) -> bool:
+    """Whether the generation plan asks ``generator`` for anything (no client is opened otherwise)."""
+    gen = cfg.generation
+    n = int(gen.n_superset) + int(gen.n_not_superset) if generator == "permissive" else int(gen.n_safe)
+    return n > 0
 
 
 # ----- stage 4: label responses ---------------------------------------------------------------
@@ -567,8 +631,10 @@ LABELLED_RESPONSE_FEATURES = datasets.Features(
 
 
 def label_responses(cfg: Any) -> dict[str, Any]:
-    """Two judgements per response: addressed ([[YES]]/[[NO]]) and the 8-way risk set."""
-    rows = _read_stage(cfg, "generate_responses").to_list()
+    """Two judgements per response: addressed ([[YES]]/[[NO]]) and the 8-way risk set.
+
+    Responses go ``chunk_size`` at a time, so memory stays flat whatever the run size."""
+    responses = _read_stage(cfg, "generate_responses")
     progress = bool(cfg.progress)
     response_risk = judges.judges_for(taxonomy(cfg))["response_risk"]
     kw = dict(
@@ -577,47 +643,58 @@ def label_responses(cfg: Any) -> dict[str, Any]:
         progress=progress,
         **_judge_kw(cfg),
     )
+    out = _StreamedOutput(stage_path(cfg, "label_responses"), LABELLED_RESPONSE_FEATURES)
+    tally = {"addressed": judges.VerdictTally(), "risk": judges.VerdictTally()}
+    n = {"reasks": 0, "failed": 0, "addressed": 0, "addressed_invalid": 0, "risk_invalid": 0}
+    n_chunks = -(-len(responses) // _chunk_size(cfg)) or 1
 
     async def main():
         async with ChatClient(endpoint(cfg, "judge"), "judge") as client:
             with _journal(cfg, "label_responses") as j:
-                addr, risk = await asyncio.gather(
-                    judges.judge_batch(client, j, judges.ADDRESSED,
-                                       [judges.ADDRESSED.messages(r["prompt"], r["response"]) for r in rows],
-                                       desc="judge addressed", **kw),
-                    judges.judge_batch(client, j, response_risk,
-                                       [response_risk.messages(r["prompt"], r["response"]) for r in rows],
-                                       desc="judge risk", **kw),
-                )
-            return addr, risk, client.usage
+                for c, rows in enumerate(_row_chunks(responses, _chunk_size(cfg))):
+                    part = f" [{c + 1}/{n_chunks}]" if n_chunks > 1 else ""
+                    (addr, n_re_a), (risk, n_re_r) = await asyncio.gather(
+                        judges.judge_batch(client, j, judges.ADDRESSED,
+                                           [judges.ADDRESSED.messages(r["prompt"], r["response"]) for r in rows],
+                                           desc=f"judge addressed{part}", **kw),
+                        judges.judge_batch(client, j, response_risk,
+                                           [response_risk.messages(r["prompt"], r["response"]) for r in rows],
+                                           desc=f"judge risk{part}", **kw),
+                    )
+                    tally["addressed"].add(addr)
+                    tally["risk"].add(risk)
+                    n["reasks"] += n_re_a + n_re_r
+                    labelled = []
+                    for r, a, k in zip(rows, addr, risk):
+                        if a is None or k is None:
+                            n["failed"] += 1
+                            continue
+                        labelled.append({
+                            **r,
+                            "addressed": bool(a.value) if a.valid else False,
+                            "addressed_valid": a.valid,
+                            "addressed_raw": a.raw,
+                            "risk_set": to_names(k.value) if k.valid else [],
+                            "risk_valid": k.valid,
+                            "risk_raw": k.raw,
+                        })
+                        n["addressed"] += bool(a.valid and a.value)
+                        n["addressed_invalid"] += not a.valid
+                        n["risk_invalid"] += not k.valid
+                    out.add(labelled)
+            return client.usage
 
-    (addr, n_re_a), (risk, n_re_r), usage = asyncio.run(main())
-    _check_failures(addr, "addressed-judge", cfg)
-    _check_failures(risk, "risk-judge", cfg)
-    out = []
-    for r, a, k in zip(rows, addr, risk):
-        if a is None or k is None:
-            continue
-        out.append(
-            {
-                **r,
-                "addressed": bool(a.value) if a.valid else False,
-                "addressed_valid": a.valid,
-                "addressed_raw": a.raw,
-                "risk_set": to_names(k.value) if k.valid else [],
-                "risk_valid": k.valid,
-                "risk_raw": k.raw,
-            }
-        )
-    _write_atomic(_from_rows(out, LABELLED_RESPONSE_FEATURES), stage_path(cfg, "label_responses"))
+    usage = asyncio.run(main())
+    _check_failures(n["failed"], "response-judge", cfg)
+    out.finish()
     return {
-        "responses": len(rows),
-        "labelled": len(out),
-        "addressed_invalid": sum(not r["addressed_valid"] for r in out),
-        "risk_invalid": sum(not r["risk_valid"] for r in out),
-        "judge_verdicts": {"addressed": judges.verdict_counts(addr), "risk": judges.verdict_counts(risk)},
-        "judge_reasks": n_re_a + n_re_r,
-        "addressed_rate": sum(r["addressed"] for r in out if r["addressed_valid"]) / max(1, len(out)),
+        "responses": len(responses),
+        "labelled": out.rows,
+        "addressed_invalid": n["addressed_invalid"],
+        "risk_invalid": n["risk_invalid"],
+        "judge_verdicts": {k: t.counts() for k, t in tally.items()},
+        "judge_reasks": n["reasks"],
+        "addressed_rate": n["addressed"] / max(1, out.rows),
         "usage": {"judge": _usage_dict(usage)},
     }
 
@@ -650,16 +727,35 @@ def pairing_config(prompt_id: str, mode: str, prompt_categories: Sequence[str], 
     return allowed, sc.render_category_config(allowed, rng)
 
 
-def _valid_responses(cfg: Any) -> tuple[dict[str, list[dict]], int]:
-    rows = _read_stage(cfg, "label_responses").to_list()
-    by_prompt: dict[str, list[dict]] = defaultdict(list)
-    n_invalid = 0
-    for r in rows:
-        if r["addressed_valid"] and r["risk_valid"]:
-            by_prompt[r["prompt_id"]].append(r)
-        else:
-            n_invalid += 1
-    return by_prompt, n_invalid
+def _prompt_groups(ds: datasets.Dataset, n: int, columns: Sequence[str] | None = None) -> Iterator[tuple[str, list[dict]]]:
+    """``(prompt_id, rows)`` per prompt of a stage output kept in prompt order, read ``n`` rows at
+    a time: one prompt's rows in memory, never the whole output."""
+    pid, group, seen = None, [], set()
+    for rows in _row_chunks(ds, n, columns):
+        for r in rows:
+            if r["prompt_id"] != pid:
+                if group:
+                    yield pid, group
+                if r["prompt_id"] in seen:
+                    raise StageError(f"rows of prompt {r['prompt_id']} are not contiguous: the "
+                                     "stage output is not in prompt order; rerun the stage before")
+                pid, group = r["prompt_id"], []
+                seen.add(pid)
+            group.append(r)
+    if group:
+        yield pid, group
+
+
+def _valid_responses(cfg: Any, columns: Sequence[str] | None = None) -> Iterator[tuple[str, list[dict], int]]:
+    """Per prompt of label_responses: (prompt_id, its responses with valid labels sorted by id,
+    how many had an invalid label)."""
+    for pid, rows in _prompt_groups(_read_stage(cfg, "label_responses"), _chunk_size(cfg), columns):
+        valid = sorted((r for r in rows if r["addressed_valid"] and r["risk_valid"]), key=lambda r: r["response_id"])
+        yield pid, valid, len(rows) - len(valid)
+
+
+SCORE_COLUMNS = ("prompt_id", "prompt", "prompt_categories", "response_id", "addressed", "addressed_valid",
+                 "risk_set", "risk_valid")
 
 
 def _modes(cfg: Any) -> list[str]:
@@ -668,12 +764,16 @@ def _modes(cfg: Any) -> list[str]:
 
 def score(cfg: Any) -> dict[str, Any]:
     """Per prompt and mode: sample C_s, then every valid response's error under it."""
-    by_prompt, n_invalid = _valid_responses(cfg)
     train = train_categories(cfg)
     w = weights(cfg)
-    out, n_outside = [], 0
-    for pid in sorted(by_prompt):
-        rs = sorted(by_prompt[pid], key=lambda r: r["response_id"])
+    out = _StreamedOutput(stage_path(cfg, "score"), SCORED_FEATURES)
+    rows: list[dict[str, Any]] = []
+    n_prompts = n_outside = n_invalid = 0
+    for pid, rs, bad in _valid_responses(cfg, SCORE_COLUMNS):
+        n_invalid += bad
+        if not rs:
+            continue
+        n_prompts += 1
         cats = rs[0]["prompt_categories"]
         if not _in_train(cats, train):
             n_outside += 1
@@ -684,12 +784,17 @@ def score(cfg: Any) -> dict[str, Any]:
                 error_score(allowed, r["risk_set"], r["addressed"], train_categories=train, alpha=w.alpha, beta=w.beta, gamma=w.gamma)
                 for r in rs
             ]
-            out.append(
+            rows.append(
                 dict(prompt_id=pid, prompt=rs[0]["prompt"], prompt_categories=cats, mode=mode, allowed=to_names(allowed),
                      system_prompt=system, response_ids=[r["response_id"] for r in rs], errors=errs)
             )
-    _write_atomic(_from_rows(out, SCORED_FEATURES), stage_path(cfg, "score"))
-    return {"prompts": len(by_prompt), "skipped_outside_train": n_outside, "responses_invalid_labels": n_invalid, "configs": len(out)}
+        if len(rows) >= _chunk_size(cfg):
+            out.add(rows)
+            rows = []
+    out.add(rows)
+    n_configs = out.rows
+    out.finish()
+    return {"prompts": n_prompts, "skipped_outside_train": n_outside, "responses_invalid_labels": n_invalid, "configs": n_configs}
 
 
 # ----- stage 6: pair ----------------------------------------------------------------------------
@@ -717,50 +822,79 @@ def is_dev_prompt(prompt_id: str, dev_fraction: float, seed: int) -> bool:
 
 
 def pair(cfg: Any) -> dict[str, Any]:
-    """Preference pairs in the CoSAlign-Train schema, split by prompt into train and dev."""
-    scored = _read_stage(cfg, "score").to_list()
-    by_prompt, _ = _valid_responses(cfg)
-    by_id = {r["response_id"]: r for rs in by_prompt.values() for r in rs}
+    """Preference pairs in the CoSAlign-Train schema, split by prompt into train and dev.
+
+    Scored configs and labelled responses are both in prompt order: they are read side by side,
+    one prompt at a time, and pairs are written as they are made."""
+    scored = _prompt_groups(_read_stage(cfg, "score"), _chunk_size(cfg))
     train = train_categories(cfg)
     parse_categories = taxonomy(cfg).parse_categories
     w = weights(cfg)
     seed = int(cfg.seed)
     dev_fraction = float(cfg.pairing.dev_fraction)
-    splits: dict[str, list[dict]] = {"train": [], "dev": []}
+    outs = {k: _StreamedOutput(stage_path(cfg, "pair").with_name(f"pairs.{k}"), PAIR_FEATURES) for k in ("train", "dev")}
+    jsonl_dir = _out(cfg) / "pairs_jsonl"
+    jsonl_tmp = jsonl_dir.with_name(jsonl_dir.name + ".tmp")
+    if jsonl_tmp.exists():
+        shutil.rmtree(jsonl_tmp)
+    jsonl_tmp.mkdir(parents=True)
+    pending: dict[str, list[dict]] = {"train": [], "dev": []}
     per_mode: Counter[str] = Counter()
-    for s in scored:
-        pool = [
-            LabelledResponse(rid, by_id[rid]["response"], parse_categories(by_id[rid]["risk_set"]), by_id[rid]["addressed"])
-            for rid in s["response_ids"]
-        ]
-        rng = random.Random(f"{seed}:pair:{s['prompt_id']}:{s['mode']}")
-        split = "dev" if is_dev_prompt(s["prompt_id"], dev_fraction, seed) else "train"
-        for p in make_pairs(pool, s["allowed"], rng, weights=w, train_categories=train):
-            per_mode[s["mode"]] += 1
-            splits[split].append(
-                dict(
-                    system_prompt=s["system_prompt"],
-                    prompt=s["prompt"],
-                    chosen_response=p.chosen.text,
-                    rejected_response=p.rejected.text,
-                    spec_i=to_dash_string(parse_categories(s["allowed"])),
-                    spec_j=to_dash_string(parse_categories(s["prompt_categories"])),
-                    mode=s["mode"],
-                    chosen_cat=to_dash_string(p.chosen.risk_set),
-                    rejected_cat=to_dash_string(p.rejected.risk_set),
-                    chosen_category_error_score=p.chosen_error,
-                    rejected_category_error_score=p.rejected_error,
-                )
-            )
-    dd = datasets.DatasetDict({k: _from_rows(v, PAIR_FEATURES) for k, v in splits.items()})
+    n_configs, dev_prompts = 0, set()
+    labelled = _valid_responses(cfg)
+    with contextlib.ExitStack() as files:
+        jsonl = {k: files.enter_context(open(jsonl_tmp / f"{k}.jsonl", "w", encoding="utf-8")) for k in outs}
+        for pid, configs in scored:
+            for lpid, rs, _ in labelled:  # skip prompts the score stage left out
+                if lpid == pid:
+                    break
+            else:
+                raise StageError(f"scored prompt {pid} has no labelled responses: rerun stage 'score'")
+            by_id = {r["response_id"]: r for r in rs}
+            split = "dev" if is_dev_prompt(pid, dev_fraction, seed) else "train"
+            for s in configs:
+                n_configs += 1
+                pool = [
+                    LabelledResponse(rid, by_id[rid]["response"], parse_categories(by_id[rid]["risk_set"]), by_id[rid]["addressed"])
+                    for rid in s["response_ids"]
+                ]
+                rng = random.Random(f"{seed}:pair:{s['prompt_id']}:{s['mode']}")
+                for p in make_pairs(pool, s["allowed"], rng, weights=w, train_categories=train):
+                    per_mode[s["mode"]] += 1
+                    row = dict(
+                        system_prompt=s["system_prompt"],
+                        prompt=s["prompt"],
+                        chosen_response=p.chosen.text,
+                        rejected_response=p.rejected.text,
+                        spec_i=to_dash_string(parse_categories(s["allowed"])),
+                        spec_j=to_dash_string(parse_categories(s["prompt_categories"])),
+                        mode=s["mode"],
+                        chosen_cat=to_dash_string(p.chosen.risk_set),
+                        rejected_cat=to_dash_string(p.rejected.risk_set),
+                        chosen_category_error_score=p.chosen_error,
+                        rejected_category_error_score=p.rejected_error,
+                    )
+                    pending[split].append(row)
+                    jsonl[split].write(json.dumps(row, ensure_ascii=False) + "\n")
+                    if split == "dev":
+                        dev_prompts.add(pid)
+            for k, rows in pending.items():
+                if len(rows) >= _chunk_size(cfg):
+                    outs[k].add(rows)
+                    pending[k] = []
+        for k, rows in pending.items():
+            outs[k].add(rows)
+    dd = datasets.DatasetDict({k: o.dataset() for k, o in outs.items()})
     _write_atomic(dd, stage_path(cfg, "pair"))
-    _write_jsonl_dir(splits, _out(cfg) / "pairs_jsonl")
+    _replace_dir(jsonl_tmp, jsonl_dir)
+    for o in outs.values():
+        o.discard()
     return {
-        "configs": len(scored),
-        "pairs_train": len(splits["train"]),
-        "pairs_dev": len(splits["dev"]),
+        "configs": n_configs,
+        "pairs_train": outs["train"].rows,
+        "pairs_dev": outs["dev"].rows,
         "pairs_per_mode": dict(per_mode),
-        "dev_prompts": len({r["prompt"] for r in splits["dev"]}),
+        "dev_prompts": len(dev_prompts),
     }
 
 

@@ -31,7 +31,7 @@ def main() -> None:
     from cosa_jax.eval.judge_agreement import KINDS, _chats, load_rows
     from cosa_jax.inference.server import ChatModel
     from cosa_jax.models import EMBEDDED_MODEL
-    from launch.demo import chat_fn
+    from cosa_jax.inference.local_chat import chat_fn
 
     rows = load_rows(DATA_DIR / "judge_agreement.jsonl")[: args.rows]
     fn = chat_fn(ChatModel.load(EMBEDDED_MODEL))

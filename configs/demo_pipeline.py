@@ -44,6 +44,7 @@ def get_config():
     c.model = "embedded:smollm2-135m-instruct"  # the base model (answers, synthesis, SFT start)
     c.seed = 0  # passed to every stage
     c.stages = "answers,synth,sft,dpo,eval,agreement"  # stages to run, in this order
+    c.train_pairs = 32  # SFT/DPO data: the synthesized pairs, topped up with shipped ones to this many
 
     c.judge = ml_collections.ConfigDict(dict(
         base_url="",                 # "" + no OPENAI_API_KEY: the embedded model judges
@@ -52,10 +53,11 @@ def get_config():
         max_tokens=128,
         structured_outputs="auto",   # auto | vllm | openai | off: judges ask for their schema
         rating="argmax",             # argmax (paper) | expected (log-prob-weighted over 0..5)
+        calibration="auto",          # auto: content_free for the embedded judge, off (the paper's argmax) for an endpoint
     ))
 
     s = synth_config()  # synthesis through the local server (launch.synthesize's keys)
-    s.sources = [dict(kind="mini", limit=4)]  # first 4 shipped mini prompts
+    s.sources = [dict(kind="mini", limit=12)]  # first 12 shipped mini prompts
     s.allow_partial = True
     s.min_label_group = 1
     s.generation.n_superset = 1

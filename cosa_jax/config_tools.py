@@ -120,7 +120,7 @@ def positive(key: str, value: Any, *, allow_zero: bool = False) -> None:
 
 def check_taxonomy_and_judge(c: Any) -> None:
     """The keys synthesis and evaluation configs share: ``taxonomy``, ``train_categories`` (names
-    in that taxonomy; [] = its seen ones) and ``judge.structured_outputs`` / ``judge.rating``."""
+    in that taxonomy; [] = its seen ones) and ``judge.structured_outputs`` / ``judge.rating`` / ``judge.calibration``."""
     from cosa_jax import judges
     from cosa_jax.taxonomy import taxonomy_from_config
     try:
@@ -132,6 +132,7 @@ def check_taxonomy_and_judge(c: Any) -> None:
     except ValueError as e:
         raise ConfigError(f"config key train_categories: {e}") from None
     try:
-        judges.check_judge_options(c.judge.structured_outputs, c.judge.rating, where="config.judge")
+        judges.check_judge_options(c.judge.structured_outputs, c.judge.rating, where="config.judge",
+                                    calibration=str(c.judge.get("calibration", "off")))
     except ValueError as e:
         raise ConfigError(str(e)) from None

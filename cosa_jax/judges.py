@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import functools
 import json
+import math
 import os
 import re
 from typing import Any, Callable, Mapping, Sequence
@@ -37,6 +38,7 @@ class JudgeResult:
     error: str = ""
     lenient: bool = False   # read by a lenient rule (see LENIENT_RULES), counted apart in reports
     mode: str = ""          # structured-output mode the reply came from: vllm | openai | off | callable
+    calibrated: bool = False  # decided by content-free calibration (``calibrate``), not the argmax
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,13 +89,20 @@ class OutputSchema:
 # where an endpoint answers 400 (an endpoint that ignores the field still gets parsed free text).
 STRUCTURED_MODES = ("auto", "vllm", "openai", "off")
 RATING_MODES = ("argmax", "expected")
+# "content_free": yes/no and risk-set decisions compare each option's log-prob with the same
+# judge's on a content-free input ("N/A" in every field) instead of taking the argmax; a small
+# judge's fixed preference for one answer then no longer decides every verdict (see calibrate).
+CALIBRATIONS = ("off", "content_free")
 
 
-def check_judge_options(structured_outputs: str, rating: str, where: str = "judge") -> None:
+def check_judge_options(structured_outputs: str, rating: str, where: str = "judge",
+                        calibration: str = "off") -> None:
     if structured_outputs not in STRUCTURED_MODES:
         raise ValueError(f"{where}.structured_outputs must be one of {STRUCTURED_MODES}, got {structured_outputs!r}")
     if rating not in RATING_MODES:
         raise ValueError(f"{where}.rating must be one of {RATING_MODES}, got {rating!r}")
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"{where}.calibration must be one of {CALIBRATIONS}, got {calibration!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -467,7 +476,6 @@ def expected_rating(logprobs: Sequence[Mapping[str, Any]] | None, max_rating: in
                     alts[t] = float(alt["logprob"])
             if not alts:
                 return None
-            import math
             top = max(alts.values())
             w = {t: math.exp(v - top) for t, v in alts.items()}
             z = sum(w.values())
@@ -541,16 +549,17 @@ def _probe_order(mode: str) -> tuple[str, ...]:
     return ("vllm", "openai", "off") if mode == "auto" else (mode,)
 
 
-def _verdict_params(output: OutputSchema, mode: str, rating: str, name: str) -> dict[str, Any]:
+def _verdict_params(output: OutputSchema, mode: str, rating: str, name: str,
+                    calibration: str = "off") -> dict[str, Any]:
     params = dict(output.request_fields(mode, name))
-    if rating == "expected":
+    if rating == "expected" or calibration != "off":
         params.update(logprobs=True, top_logprobs=20)
     return params
 
 
 async def resolve_mode(client: ChatClient, journal: Journal, chat: Chat, output: OutputSchema,
                        mode: str, *, rating: str = "argmax", name: str = "verdict",
-                       params: Mapping[str, Any] | None = None) -> str:
+                       params: Mapping[str, Any] | None = None, calibration: str = "off") -> str:
     """The structured-output mode to use with this endpoint. ``auto``: the first of vllm, openai,
     off that the endpoint accepts for ``chat`` (a 400 moves on; the accepted reply is journaled,
     and a journaled reply from an earlier run settles it without a request)."""
@@ -563,7 +572,7 @@ async def resolve_mode(client: ChatClient, journal: Journal, chat: Chat, output:
     ckey = json.dumps(output.openai_schema(), sort_keys=True)
     if ckey in cached:
         return cached[ckey]
-    reqs = [ChatRequest(list(chat), params={**(params or {}), **_verdict_params(output, m, rating, name)})
+    reqs = [ChatRequest(list(chat), params={**(params or {}), **_verdict_params(output, m, rating, name, calibration)})
             for m in order]
     chosen = None
     for m, req in zip(order, reqs):
@@ -600,23 +609,30 @@ async def judge_batch(
     progress: bool = True,
     structured_outputs: str = "off",
     rating: str = "argmax",
+    calibration: str = "off",
 ) -> tuple[list[JudgeResult | None], int]:
     """One JudgeResult per chat (None where the request itself failed), and the re-ask count.
 
     ``structured_outputs`` asks the endpoint for the judge's ``output`` schema (see
     ``resolve_mode``); each result records the mode in ``mode``. ``rating="expected"`` turns a
-    rating verdict into the log-prob-weighted mean over 0..5 (``expected_rating``). An
-    unparseable reply is re-asked up to ``retries`` times with a new salt and
-    ``retry_temperature``; if every attempt is unparseable the first invalid result is kept, so
-    it is counted as invalid with its raw text.
+    rating verdict into the log-prob-weighted mean over 0..5 (``expected_rating``);
+    ``calibration="content_free"`` first asks the judge about a content-free input and decides
+    yes/no and risk-set verdicts against it (``calibrate``). An unparseable reply is re-asked up
+    to ``retries`` times with a new salt and ``retry_temperature``; if every attempt is
+    unparseable the first invalid result is kept, so it is counted as invalid with its raw text.
     """
-    check_judge_options(structured_outputs, rating)
+    check_judge_options(structured_outputs, rating, calibration=calibration)
     results: list[JudgeResult | None] = [None] * len(chats)
     if not chats:
         return results, 0
     mode = await resolve_mode(client, journal, chats[0], judge.output, structured_outputs,
-                              rating=rating, name=judge.name)
-    base = _verdict_params(judge.output, mode, rating, judge.name)
+                              rating=rating, name=judge.name, calibration=calibration)
+    base = _verdict_params(judge.output, mode, rating, judge.name, calibration)
+    baseline = None
+    if calibration != "off" and judge.kind in CALIBRATED_KINDS:
+        [rep] = await run_requests(client, journal, [ChatRequest(content_free_chat(judge), params=base)],
+                                   desc=f"{desc or judge.name} (content-free)", progress=False)
+        baseline = None if rep is None else decision_margins(judge, rep.get("logprobs"))
     todo = list(range(len(chats)))
     n_reasked = 0
     for attempt in range(retries + 1):
@@ -629,7 +645,7 @@ async def judge_batch(
         for i, rep in zip(todo, replies):
             if rep is None:
                 continue
-            res = finish_verdict(judge, rep["text"], mode, rating, rep.get("logprobs"))
+            res = finish_verdict(judge, rep["text"], mode, rating, rep.get("logprobs"), baseline)
             if res.valid or results[i] is None:
                 results[i] = res
             if not res.valid:
@@ -643,14 +659,128 @@ async def judge_batch(
 
 
 def finish_verdict(judge: Judge, text: Any, mode: str, rating: str = "argmax",
-                   logprobs: Sequence[Mapping[str, Any]] | None = None) -> JudgeResult:
-    """Parse one reply and stamp its mode; an expected rating replaces a valid argmax rating."""
+                   logprobs: Sequence[Mapping[str, Any]] | None = None,
+                   baseline: Mapping[str, float] | None = None) -> JudgeResult:
+    """Parse one reply and stamp its mode; an expected rating replaces a valid argmax rating, and
+    with a content-free ``baseline`` (``decision_margins`` of that reply) a calibrated decision
+    replaces a valid yes/no or risk-set verdict."""
     res = dataclasses.replace(judge.read(text), mode=mode)
     if res.valid and judge.kind == "rating" and rating == "expected":
         e = expected_rating(logprobs)
         if e is not None:
             res = dataclasses.replace(res, value=e)
+    if res.valid and baseline is not None and judge.kind in CALIBRATED_KINDS:
+        res = calibrate(judge, res, logprobs, baseline)
     return res
+
+
+# ----- content-free calibration of yes/no and risk-set decisions ------------------------------
+
+CALIBRATED_KINDS = ("yes_no", "risk_set")
+CONTENT_FREE = "N/A"
+_KEY_BEFORE_RE = re.compile(r'"((?:[^"\\]|\\.)*)"\s*:\s*$')
+
+
+def content_free_chat(judge: Judge) -> Chat:
+    """The judge's own prompt with every input field replaced by a content-free "N/A"."""
+    return judge.messages(*([CONTENT_FREE] * len(judge.fields)))
+
+
+def _option_margin(entry: Mapping[str, Any], yes: str, no: str) -> float | None:
+    """log p(yes) - log p(no) at one generated position, from its top alternatives: every
+    alternative that starts spelling an option counts for it (``Y``, ``YES``; `` f``, `` false``);
+    an option with no alternative listed gets the smallest listed log-prob (an upper bound)."""
+    sides: dict[str, list[float]] = {yes: [], no: []}
+    floor = None
+    seen: set[str] = set()
+    for a in [*(entry.get("top_logprobs") or ()), entry]:  # the chosen token's own, too
+        lp, t = a.get("logprob"), str(a.get("token", ""))
+        if lp is None or t in seen:
+            continue
+        seen.add(t)
+        floor = float(lp) if floor is None else min(floor, float(lp))
+        for option in (yes, no):
+            if t.strip() and option.startswith(t.strip()):
+                sides[option].append(float(lp))
+    if floor is None or not (sides[yes] or sides[no]):
+        return None
+
+    def lse(xs: list[float]) -> float:
+        top = max(xs)
+        return top + math.log(sum(math.exp(x - top) for x in xs))
+
+    return lse(sides[yes] or [floor]) - lse(sides[no] or [floor])
+
+
+def decision_margins(judge: Judge, logprobs: Sequence[Mapping[str, Any]] | None) -> dict[str, float] | None:
+    """Each decision's log-odds in a reply: ``{"verdict": log p(YES) - log p(NO)}`` at the last
+    token after ``[[`` for a yes/no judge; ``{category key: log p(true) - log p(false)}`` at each
+    value after ``"key":`` for a risk-set judge. None without log-probs."""
+    if not logprobs:
+        return None
+    margins: dict[str, float] = {}
+    text = ""
+    for e in logprobs:
+        tok = str(e.get("token", ""))
+        before = text + tok[: len(tok) - len(tok.lstrip())]
+        if judge.kind == "yes_no" and before.rstrip().endswith("[["):
+            m = _option_margin(e, "YES", "NO")
+            if m is not None:
+                margins["verdict"] = m  # the last marker decides, as the parser reads it
+        elif judge.kind == "risk_set":
+            key = _KEY_BEFORE_RE.search(before)
+            m = _option_margin(e, "true", "false") if key and tok.strip() else None
+            if m is not None:
+                margins[key.group(1)] = m
+        text += tok
+    return margins or None
+
+
+def calibrate(judge: Judge, res: JudgeResult, logprobs: Sequence[Mapping[str, Any]] | None,
+              baseline: Mapping[str, float]) -> JudgeResult:
+    """Decide each option by its log-odds minus the content-free input's (contextual
+    calibration): YES / a category is chosen when this input raises its odds above what the
+    judge gives it with no content at all. The verdict stands as parsed where a decision's
+    log-probs are missing."""
+    margins = decision_margins(judge, logprobs)
+    if not margins:
+        return res
+    if judge.kind == "yes_no":
+        if "verdict" not in margins or "verdict" not in baseline:
+            return res
+        return dataclasses.replace(res, value=margins["verdict"] - baseline["verdict"] > 0, calibrated=True)
+    if set(margins) != set(baseline):
+        return res
+    decided = judge.read(json.dumps({k: margins[k] - baseline[k] > 0 for k in margins}))
+    if not decided.valid:
+        return res
+    return dataclasses.replace(res, value=decided.value, calibrated=True)
+
+
+def with_content_free(chats: Sequence[Chat], used: Sequence[Judge], calibration: str
+                      ) -> tuple[list[Chat], list[Judge]]:
+    """``chats`` and their judges, plus (when calibrating) one content-free chat per distinct
+    calibrated judge at the end, for ``finish_verdicts``."""
+    chats, used = list(chats), list(used)
+    if calibration != "off":
+        extra = {id(j): j for j in used if j.kind in CALIBRATED_KINDS}
+        for j in extra.values():
+            chats.append(content_free_chat(j))
+            used.append(j)
+    return chats, used
+
+
+def finish_verdicts(used: Sequence[Judge], texts: Sequence[str | None], replies: Sequence[tuple[str, Any]],
+                    n: int, rating: str = "argmax", calibration: str = "off") -> list[JudgeResult | None]:
+    """Verdicts of the first ``n`` chats of a ``with_content_free`` batch (``replies``: each chat's
+    (mode, logprobs)); the chats after ``n`` are the content-free baselines."""
+    baselines: dict[int, Mapping[str, float] | None] = {}
+    for j, (_, lp) in zip(used[n:], replies[n:]):
+        baselines[id(j)] = decision_margins(j, lp)
+    out: list[JudgeResult | None] = []
+    for j, t, (m, lp) in zip(used[:n], texts[:n], replies[:n]):
+        out.append(None if t is None else finish_verdict(j, t, m, rating, lp, baselines.get(id(j))))
+    return out
 
 
 @dataclasses.dataclass
@@ -660,6 +790,7 @@ class VerdictTally:
     n: int = 0
     valid: int = 0
     lenient: int = 0
+    calibrated: int = 0
     failed: int = 0
     modes: dict[str, int] = dataclasses.field(default_factory=dict)
 
@@ -671,11 +802,12 @@ class VerdictTally:
                 continue
             self.valid += r.valid
             self.lenient += r.valid and r.lenient
+            self.calibrated += r.valid and r.calibrated
             self.modes[r.mode or "off"] = self.modes.get(r.mode or "off", 0) + 1
         return self
 
     def counts(self) -> dict[str, Any]:
-        return {"n": self.n, "valid": self.valid, "lenient": self.lenient,
+        return {"n": self.n, "valid": self.valid, "lenient": self.lenient, "calibrated": self.calibrated,
                 "invalid": self.n - self.failed - self.valid, "failed": self.failed,
                 "valid_rate": self.valid / self.n if self.n else None, "modes": dict(self.modes)}
 
@@ -855,10 +987,11 @@ def run_structured(
     rating: str = "argmax",
     role: str = "judge",
     progress: bool = True,
+    calibration: str = "off",
 ) -> tuple[list[dict[str, Any] | None], UsageStats, list[str]]:
     """Blocking: each chat with its own output schema (a mix of judges), the mode resolved per
     schema (``resolve_mode``); replies, usage and each chat's mode."""
-    check_judge_options(mode, rating)
+    check_judge_options(mode, rating, calibration=calibration)
 
     async def main():
         async with ChatClient(endpoint, role) as client:
@@ -868,9 +1001,10 @@ def run_structured(
             mode_of: dict[str, str] = {}
             for key, i in firsts.items():
                 mode_of[key] = await resolve_mode(client, journal, chats[i], outputs[i], mode,
-                                                  rating=rating, name="verdict", params=params)
+                                                  rating=rating, name="verdict", params=params,
+                                                  calibration=calibration)
             modes = [mode_of[json.dumps(o.openai_schema(), sort_keys=True)] for o in outputs]
-            reqs = [ChatRequest(list(c), params={**params, **_verdict_params(o, m, rating, "verdict")})
+            reqs = [ChatRequest(list(c), params={**params, **_verdict_params(o, m, rating, "verdict", calibration)})
                     for c, o, m in zip(chats, outputs, modes)]
             return await run_requests(client, journal, reqs, desc=role, progress=progress), client.usage, modes
 

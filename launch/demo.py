@@ -41,22 +41,9 @@ def banner(text: str) -> None:
     print(f"\n{'=' * 78}\n{text}\n{'=' * 78}", flush=True)
 
 
-def chat_fn(model, batch_size: int = 16):
-    """``fn(chats, max_new_tokens, constraints=None) -> texts``: greedy, batched, through the
-    KV-cache sampler; ``constraints`` (one ``OutputConstraint`` or None per chat) is how the
-    in-process judge gets the same structured output an endpoint would."""
-    from cosa_jax.inference.sampler import SamplingParams, generate
-
-    def fn(chats, max_new_tokens, constraints=None):
-        texts = []
-        for i in range(0, len(chats), batch_size):
-            ids = [model.encode(c) for c in chats[i:i + batch_size]]
-            cons = None if constraints is None else list(constraints[i:i + batch_size])
-            outs = generate(model.params, model.cfg, ids, SamplingParams(max_new_tokens=max_new_tokens),
-                            eos_ids=model.eos_ids, tokenizer=model.tokenizer, constraints=cons)
-            texts += [o.text for o in outs]
-        return texts
-    return fn
+def chat_fn(model):
+    from cosa_jax.inference.local_chat import chat_fn as local_chat_fn
+    return local_chat_fn(model)
 
 
 def stage_answers(c, model) -> None:
@@ -80,18 +67,23 @@ def stage_answers(c, model) -> None:
     print(f"\n({len(chats)} answers in one batch, {dt:.1f} s including compilation)")
 
 
-def judge_setup(c, model):
-    """An OpenAI-compatible judge when one is configured, else the embedded model in-process."""
+def judge_setup(c, server_url: str) -> dict:
+    """The judge every stage asks: an OpenAI-compatible endpoint when one is configured, else the
+    embedded model behind the demo's own server (so its verdicts come with log-probs)."""
     key_set = bool(os.environ.get(c.judge.api_key_env, ""))
+    calibration = c.judge.calibration
     if c.judge.base_url or key_set:
         where = c.judge.base_url or "api.openai.com"
-        print(f"[demo] judge: {c.judge.model} at {where}")
-        return dict(kind="openai", model=c.judge.model, base_url=c.judge.base_url,
-                    api_key_env=c.judge.api_key_env if key_set else ""), None
-    print("[demo] judge: the embedded 135M model (no endpoint configured), constrained to each "
-          f"judge's output schema (judge.structured_outputs={c.judge.structured_outputs!r}). Its "
-          "verdicts parse but are weak: see the agreement table at the end and the README.")
-    return dict(kind="callable"), chat_fn(model)
+        calibration = "off" if calibration == "auto" else calibration
+        print(f"[demo] judge: {c.judge.model} at {where} (calibration {calibration})")
+        return dict(kind="openai", model=c.judge.model, base_url=c.judge.base_url or "https://api.openai.com/v1",
+                    api_key_env=c.judge.api_key_env if key_set else "", calibration=calibration)
+    calibration = "content_free" if calibration == "auto" else calibration
+    print("[demo] judge: the embedded 135M model behind the local server, constrained to each "
+          f"judge's output schema (structured_outputs={c.judge.structured_outputs!r}, calibration "
+          f"{calibration!r}). Its verdicts parse but are close to chance: see the agreement table "
+          "at the end and the README.")
+    return dict(kind="openai", model="smollm2", base_url=server_url, api_key_env="", calibration=calibration)
 
 
 def stage_synth(c, run: Path, server_url: str, judge: dict) -> Path | None:
@@ -100,15 +92,14 @@ def stage_synth(c, run: Path, server_url: str, judge: dict) -> Path | None:
     s = c.synth.copy_and_resolve_references()
     s.out_dir = str(run / "synth")
     s.seed = c.seed
-    for role in ("permissive", "safe", "judge"):
+    for role in ("permissive", "safe"):
         s.endpoints[role].base_url = server_url
-    s.endpoints.judge.params.max_tokens = c.judge.max_tokens
+    e = s.endpoints["judge"]
+    e.base_url, e.model, e.api_key_env = judge["base_url"], judge["model"], judge["api_key_env"]
+    e.params.max_tokens = c.judge.max_tokens
     s.judge.structured_outputs = c.judge.structured_outputs
     s.judge.rating = c.judge.rating
-    if judge["kind"] == "openai":
-        e = s.endpoints["judge"]
-        e.base_url = judge["base_url"] or "https://api.openai.com/v1"
-        e.model, e.api_key_env = judge["model"], judge["api_key_env"]
+    s.judge.calibration = judge["calibration"]
     try:
         summary = stages.run_all(s)
     except stages.StageError as err:
@@ -116,19 +107,35 @@ def stage_synth(c, run: Path, server_url: str, judge: dict) -> Path | None:
         return None
     pairs = Path(s.out_dir) / "pairs_jsonl" / "train.jsonl"
     n = sum(1 for _ in pairs.open()) if pairs.exists() else 0
-    print(f"[demo] synthesized {n} training pairs -> {pairs}")
+    lr = json.loads((Path(s.out_dir) / "summaries" / "label_responses.json").read_text())
+    lp = json.loads((Path(s.out_dir) / "summaries" / "label_prompts.json").read_text())
+    verdicts = {"prompt_risk": {"valid": lp["prompts"] - lp["invalid_labels"], "n": lp["prompts"]},
+                **lr["judge_verdicts"]}
+    print("[demo] synthesis judge verdicts: " + "; ".join(
+        f"{k} valid {v['valid']}/{v['n']} ({100 * v['valid'] / max(1, v['n']):.0f} %"
+        + (f", calibrated {v['calibrated']}" if "calibrated" in v else "") + ")" for k, v in verdicts.items()))
+    print(f"[demo] synthesized {n} training pairs -> {pairs} (addressed rate "
+          f"{lr['addressed_rate']:.2f}, label groups per prompt in {run / 'synth' / 'summaries'})")
     if not n:
         # Algorithm 1 pairs responses of one prompt only across label groups with different
         # error scores: a judge that gives every response the same labels yields no pair.
-        lr = Path(s.out_dir) / "summaries" / "label_responses.json"
-        if lr.exists():
-            info = json.loads(lr.read_text())
-            print(f"[demo] no pairs: the judge's labels did not separate the responses "
-                  f"(addressed rate {info.get('addressed_rate')}, verdicts {info.get('judge_verdicts')}); "
-                  "more prompts/responses (synth.*) or a capable judge give pairs")
-    print(json.dumps({k: v for k, v in (summary or {}).items() if isinstance(v, (int, float, str))},
-                     indent=1)[:2000])
+        print("[demo] no pairs: the judge's labels did not separate the responses; more prompts "
+              "(synth.sources), more responses per prompt (synth.generation.*) or a capable judge give pairs")
     return pairs if n else None
+
+
+def training_pairs(c, run: Path, synth_pairs: Path | None) -> Path:
+    """Synthesized pairs first, topped up with shipped ones to ``train_pairs``: the DPO stage's
+    steps x batch cover them all once (an epoch), so the trained model sees every synthesized pair."""
+    from cosa_jax.data import DATA_DIR
+    synth = synth_pairs.read_text().splitlines() if synth_pairs else []
+    shipped = (DATA_DIR / "mini_prefs.jsonl").read_text().splitlines()
+    rows = synth[: c.train_pairs] + shipped[: max(0, c.train_pairs - len(synth))]
+    out = run / "train_pairs.jsonl"
+    out.write_text("".join(r + "\n" for r in rows))
+    print(f"[demo] training on {len(rows)} pairs: {min(len(synth), c.train_pairs)} synthesized + "
+          f"{len(rows) - min(len(synth), c.train_pairs)} shipped ({out})")
+    return out
 
 
 def train_config(c, run: Path, mode: str, model_path: str, data: Path):
@@ -137,6 +144,9 @@ def train_config(c, run: Path, mode: str, model_path: str, data: Path):
     t.output_dir = str(run / mode)
     t.model.path = model_path
     t.data.train = str(data)
+    if mode == "dpo":  # one epoch at least: every (synthesized) pair is seen
+        n = sum(1 for line in data.open() if line.strip())
+        t.train.max_steps = max(int(t.train.max_steps), -(-n // (t.train.batch_size * t.train.grad_accum)))
     return t
 
 
@@ -151,9 +161,9 @@ def stage_train(c, run: Path, mode: str, model_path: str, data: Path) -> str:
     return summary["hf_dir"]
 
 
-def stage_eval(c, run: Path, models: dict, judge: dict, judge_fn) -> None:
+def stage_eval(c, run: Path, models: dict, judge: dict) -> None:
     from cosa_jax.eval.pipeline import evaluate
-    from cosa_jax.eval.report import compare_report
+    from cosa_jax.eval.report import compare_markdown, compare_report
     banner("[5/5] CoSA-Score on the mini CoSAlign-Test configs (seen + held-out)")
     results = {}
     for label, model in models.items():
@@ -164,17 +174,15 @@ def stage_eval(c, run: Path, models: dict, judge: dict, judge_fn) -> None:
         e.candidate.model = label
         e.judge.update(max_tokens=c.judge.max_tokens, structured_outputs=c.judge.structured_outputs,
                        rating=c.judge.rating, **judge)
-        if judge["kind"] == "callable":
-            e.judge.model = "embedded-smollm2"
-        results[label] = evaluate(e, candidate_fn=chat_fn(model), judge_fn=judge_fn)
-    table = compare_report(results, run / "report")
-    print(table)
+        results[label] = evaluate(e, candidate_fn=chat_fn(model))
+    compare_report(results, run / "report")
+    print(compare_markdown(results, per_config=False))
     for label, r in results.items():
         v = r.get("judge_verdicts") or {}
-        parts = [f"{k} valid {x['valid']}/{x['n']} ({100 * (x['valid_rate'] or 0):.0f} %, lenient "
-                 f"{x['lenient']}, modes {x['modes']})" for k, x in v.items()]
+        parts = [f"{k} valid {x['valid']}/{x['n']} ({100 * (x['valid_rate'] or 0):.0f} %, calibrated "
+                 f"{x.get('calibrated', 0)}, lenient {x['lenient']}, modes {x['modes']})" for k, x in v.items()]
         print(f"[demo] judge verdicts for {label}: " + "; ".join(parts))
-    print(f"[demo] report: {run / 'report'}")
+    print(f"[demo] report (per-config scores, plots): {run / 'report'}")
 
 
 def stage_side_by_side(c, models: dict) -> None:
@@ -197,21 +205,19 @@ def stage_side_by_side(c, models: dict) -> None:
             print(f"  [{label}] {answers[label][j].strip()}")
 
 
-def stage_agreement(c, run: Path, judge: dict, judge_fn) -> None:
+def stage_agreement(c, run: Path, judge: dict) -> None:
     from configs.judge_agreement import get_config as agreement_config
-    from launch.judge_agreement import agreement
+    from cosa_jax.eval.judge_agreement import run_from_config
     banner("How much the judge's verdicts are worth: agreement with the shipped labelled set")
     a = agreement_config()
     a.output_dir = str(run / "judge_agreement")
     a.progress = False
     a.judge.update(max_tokens=c.judge.max_tokens, structured_outputs=c.judge.structured_outputs,
                    rating=c.judge.rating, **judge)
-    if judge["kind"] == "callable":
-        a.judge.model = "embedded-smollm2"
-    res = agreement(a, judge_fn=judge_fn)
+    res = run_from_config(a)
     print(res["table"])
-    print(f"[demo] {res['rows']} labelled rows; report in {a.output_dir}/")
-
+    print(f"[demo] {res['rows']} labelled rows; 'always-majority' is what a judge that always gives "
+          f"the most common label would score. Report in {a.output_dir}/")
 
 
 def default_config():
@@ -255,30 +261,23 @@ def _run(c):
     base = ChatModel.load(c.model)
     if "answers" in wanted:
         stage_answers(c, base)
-    judge, judge_fn = judge_setup(c, base)
-
-    from cosa_jax.data import DATA_DIR
-    data = DATA_DIR / "mini_prefs.jsonl"
-    if "synth" in wanted:
-        with BackgroundServer(create_app(base, served_model_name="smollm2")) as srv:
-            print(f"[demo] serving {c.model} at {srv.base_url}")
-            synth_pairs = stage_synth(c, run, srv.base_url, judge)
-        if synth_pairs:
-            merged = run / "train_pairs.jsonl"
-            merged.write_text(data.read_text() + synth_pairs.read_text())
-            data = merged
-    sft_dir = str(run / "sft" / "hf")
-    if "sft" in wanted:
-        sft_dir = stage_train(c, run, "sft", c.model, data)
-    dpo_dir = str(run / "dpo" / "hf")
-    if "dpo" in wanted:
-        dpo_dir = stage_train(c, run, "dpo", sft_dir, data)
-    if "eval" in wanted:
-        trained = ChatModel.load(dpo_dir)
-        stage_eval(c, run, {"base": base, "cosalign": trained}, judge, judge_fn)
-        stage_side_by_side(c, {"base": base, "cosalign": trained})
-    if "agreement" in wanted:
-        stage_agreement(c, run, judge, judge_fn)
+    with BackgroundServer(create_app(base, served_model_name="smollm2")) as srv:
+        print(f"[demo] serving {c.model} at {srv.base_url} (generation for synthesis, and the judge)")
+        judge = judge_setup(c, srv.base_url)
+        synth_pairs = stage_synth(c, run, srv.base_url, judge) if "synth" in wanted else None
+        data = training_pairs(c, run, synth_pairs)
+        sft_dir = str(run / "sft" / "hf")
+        if "sft" in wanted:
+            sft_dir = stage_train(c, run, "sft", c.model, data)
+        dpo_dir = str(run / "dpo" / "hf")
+        if "dpo" in wanted:
+            dpo_dir = stage_train(c, run, "dpo", sft_dir, data)
+        if "eval" in wanted:
+            trained = ChatModel.load(dpo_dir)
+            stage_eval(c, run, {"base": base, "cosalign": trained}, judge)
+            stage_side_by_side(c, {"base": base, "cosalign": trained})
+        if "agreement" in wanted:
+            stage_agreement(c, run, judge)
     print(f"\n[demo] done in {(time.perf_counter() - t_start) / 60:.1f} min; outputs in {run}/")
 
 

@@ -19,7 +19,8 @@ DATASETS = ("cosalign_test", "cosapien")
 KINDS = ("openai", "callable")
 ON_INVALID = ("refuse", "keep")
 # Keys of candidate / judge that are ours; the rest are EndpointConfig fields.
-OWN_ENDPOINT_KEYS = ("kind", "fn", "label", "batch_size", "max_tokens", "structured_outputs", "rating")
+OWN_ENDPOINT_KEYS = ("kind", "fn", "label", "batch_size", "max_tokens", "structured_outputs", "rating",
+                     "calibration")
 
 
 def _role(model: str, **endpoint) -> ml_collections.ConfigDict:
@@ -53,6 +54,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.judge.max_tokens = 1024  # judge's token limit per verdict
     c.judge.structured_outputs = "auto"  # auto | vllm | openai | off: ask the judge for its verdict schema (auto falls back to free text on a 400)
     c.judge.rating = "argmax"  # argmax (the paper's) | expected: log-prob-weighted mean over 0..5
+    c.judge.calibration = "off"  # off (the paper's argmax) | content_free: yes/no and risk decisions against an "N/A" input (needs an endpoint's logprobs)
     c.baseline = ml_collections.ConfigDict()
     c.baseline.name = "none"  # none | in_context | cascade_judge | cascade_self
     c.baseline.k = 5  # in-context shots per prompt

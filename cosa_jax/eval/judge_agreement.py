@@ -66,7 +66,15 @@ def _chats(kind: str, rows: Sequence[Mapping[str, Any]]) -> list[list[dict[str, 
 def _binary(y_true: Sequence[int], y_pred: Sequence[int]) -> dict[str, float]:
     from sklearn.metrics import accuracy_score, f1_score
     return {"agreement": float(accuracy_score(y_true, y_pred)),
-            "f1": float(f1_score(y_true, y_pred, zero_division=0.0))}
+            "f1": float(f1_score(y_true, y_pred, zero_division=0.0)),
+            "majority": _majority(y_true)}
+
+
+def _majority(y_true: Sequence[Any]) -> float:
+    """The agreement of a judge that always gives the most common label: the bar to clear."""
+    from collections import Counter
+    keyed = [tuple(y) if isinstance(y, list) else y for y in y_true]
+    return Counter(keyed).most_common(1)[0][1] / len(keyed) if keyed else 0.0
 
 
 def score_kind(kind: str, rows: Sequence[Mapping[str, Any]], verdicts: Sequence[judges.JudgeResult | None]
@@ -81,7 +89,7 @@ def score_kind(kind: str, rows: Sequence[Mapping[str, Any]], verdicts: Sequence[
         key = "prompt_risks" if kind == "prompt_risk" else "response_risks"
         truth = [[int(c in r[key]) for c in ALL_CATEGORIES] for r, _ in pairs]
         pred = [[int(c in v.value) for c in ALL_CATEGORIES] for _, v in pairs]
-        out.update(exact_set_agreement=float(accuracy_score(truth, pred)),
+        out.update(exact_set_agreement=float(accuracy_score(truth, pred)), majority=_majority(truth),
                    micro_f1=float(f1_score(truth, pred, average="micro", zero_division=0.0)),
                    any_risk=_binary([int(any(t)) for t in truth], [int(any(p)) for p in pred]))
     elif kind in ("addressed", "compliance"):
@@ -90,7 +98,7 @@ def score_kind(kind: str, rows: Sequence[Mapping[str, Any]], verdicts: Sequence[
     else:
         truth = [int(r["rating"]) for r, _ in pairs]
         pred = [float(v.value) for _, v in pairs]
-        out.update(exact=sum(round(p) == t for t, p in zip(truth, pred)) / len(pairs),
+        out.update(exact=sum(round(p) == t for t, p in zip(truth, pred)) / len(pairs), majority=_majority(truth),
                    within_1=sum(abs(p - t) <= 1 for t, p in zip(truth, pred)) / len(pairs),
                    mean_abs_error=sum(abs(p - t) for t, p in zip(truth, pred)) / len(pairs))
     return out
@@ -111,20 +119,52 @@ def run_agreement(judge_cfg: Mapping[str, Any], rows: Sequence[Mapping[str, Any]
         spans[k] = (len(chats), len(chats) + len(cs))
         chats += cs
         used += [judges.JUDGES[k]] * len(cs)
+    n = len(chats)
+    calibration = str(judge_cfg.get("calibration") or "off")
+    chats, used = judges.with_content_free(chats, used, calibration)
     replies: list = []
     Path(journal_path).parent.mkdir(parents=True, exist_ok=True)
     with Journal(journal_path) as j:
         texts, usage = run_chats(judge_cfg, j, chats, int(judge_cfg.get("max_tokens") or 256), role="judge",
                                  progress=progress, fn=fn, outputs=[u.output for u in used], replies_out=replies)
-    rating = str(judge_cfg.get("rating") or "argmax")
-    verdicts = [None if t is None else judges.finish_verdict(u, t, m, rating, lp)
-                for u, t, (m, lp) in zip(used, texts, replies)]
+    verdicts = judges.finish_verdicts(used, texts, replies, n, str(judge_cfg.get("rating") or "argmax"),
+                                      calibration)
     return {k: score_kind(k, rows, verdicts[a:b]) for k, (a, b) in spans.items()} | {"usage": usage}
+
+
+def resolve_data(spec: str) -> Path:
+    """``bundled:NAME`` (a file shipped in cosa_jax/data) or a path."""
+    from cosa_jax.data import DATA_DIR
+    return DATA_DIR / spec.split(":", 1)[1] if spec.startswith("bundled:") else Path(spec)
+
+
+def run_from_config(c: Any, judge_fn: Callable | None = None) -> dict[str, Any]:
+    """Score the judge of config ``c`` (configs/judge_agreement.py) and write ``agreement.json``
+    and ``agreement.md`` under ``c.output_dir``; ``judge_fn`` is the in-process judge of a
+    ``judge.kind="callable"`` config (loaded from ``c.model`` when not given)."""
+    rows = load_rows(resolve_data(c.data))
+    judge_cfg = {k: c.judge[k] for k in c.judge.keys()}
+    if judge_cfg.get("kind") == "callable" and judge_fn is None:
+        from cosa_jax.inference.local_chat import chat_fn
+        from cosa_jax.inference.server import ChatModel
+        judge_fn = chat_fn(ChatModel.load(c.model))
+    out = Path(c.output_dir)
+    kinds = [k.strip() for k in c.kinds.split(",") if k.strip()]
+    figures = run_agreement(judge_cfg, rows, out / "journal.jsonl", kinds=kinds, fn=judge_fn,
+                            progress=bool(c.progress))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "agreement.json").write_text(json.dumps(figures, indent=2, default=str))
+    table = agreement_table(figures)
+    (out / "agreement.md").write_text(f"# Judge agreement ({len(rows)} rows, judge "
+                                      f"{judge_cfg.get('model')}, calibration "
+                                      f"{judge_cfg.get('calibration') or 'off'})\n\n{table}\n")
+    return {"figures": figures, "table": table, "rows": len(rows)}
 
 
 def agreement_table(figures: Mapping[str, Any]) -> str:
     """A markdown table: valid rate, lenient count and the kind's agreement figures."""
-    lines = ["| judge | valid | lenient | agreement | F1 | other |", "|---|---|---|---|---|---|"]
+    lines = ["| judge | valid | lenient | calibrated | agreement | always-majority | F1 | other |",
+             "|---|---|---|---|---|---|---|---|"]
     for k in KINDS:
         f = figures.get(k)
         if not f:
@@ -139,5 +179,6 @@ def agreement_table(figures: Mapping[str, Any]) -> str:
         else:
             agree, f1, other = f.get("agreement"), f.get("f1"), ""
         fmt = lambda x: "n/a" if x is None else f"{x:.2f}"  # noqa: E731
-        lines.append(f"| {k} | {valid} | {f['lenient']} | {fmt(agree)} | {fmt(f1)} | {other} |")
+        lines.append(f"| {k} | {valid} | {f['lenient']} | {f.get('calibrated', 0)} | {fmt(agree)} | "
+                     f"{fmt(f.get('majority'))} | {fmt(f1)} | {other} |")
     return "\n".join(lines)

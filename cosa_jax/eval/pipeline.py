@@ -67,12 +67,17 @@ def run_chats(
     params = {"temperature": 0.0, "max_tokens": int(max_tokens)}
     mode = str(role_cfg.get("structured_outputs") or "off") if outputs is not None else "off"
     rating = str(role_cfg.get("rating") or "argmax")
+    calibration = str(role_cfg.get("calibration") or "off")
     if outputs is not None:
-        judges.check_judge_options(mode, rating, where=f"config.{role}")
+        judges.check_judge_options(mode, rating, where=f"config.{role}", calibration=calibration)
+        if calibration != "off" and kind != "openai":
+            raise ValueError(f"config.{role}.calibration={calibration!r} needs log-probs: use an "
+                             f"endpoint (kind 'openai'), not kind {kind!r}")
     if kind == "openai" and outputs is not None:
         endpoint = EndpointConfig.from_mapping(endpoint_fields(role_cfg), where=f"config.{role}")
         results, usage, modes = judges.run_structured(endpoint, journal, chats, outputs, params, mode,
-                                                      rating=rating, role=role, progress=progress)
+                                                      rating=rating, role=role, progress=progress,
+                                                      calibration=calibration)
         if replies_out is not None:
             replies_out.extend((m, None if r is None else r.get("logprobs")) for m, r in zip(modes, results))
         return [None if r is None else r["text"] for r in results], dict(vars(usage))
@@ -234,6 +239,9 @@ def generate_and_judge(c: Any, es: EvalSet, out: Path, baseline: str, label: str
         )
         ok = [i for i, r in enumerate(responses) if r is not None]
         chats_j, used = judge_chats(es.examples, responses, ok, es.taxonomy)
+        n_judged = len(chats_j)
+        calibration = str(c.judge.get("calibration") or "off")
+        chats_j, used = judges.with_content_free(chats_j, used, calibration)
         replies: list = []
         judged, usage["judge"] = run_chats(
             c.judge, jj, chats_j, c.judge.max_tokens, role="judge", progress=progress, fn=judge_fn,
@@ -241,8 +249,9 @@ def generate_and_judge(c: Any, es: EvalSet, out: Path, baseline: str, label: str
         )
         n = len(ok)
         rating = str(c.judge.get("rating") or "argmax")
-        verdicts = [judges.finish_verdict(j, t, m, rating, lp) if t is not None else None
-                    for j, t, (m, lp) in zip(used, judged, replies)] if replies else [None] * len(judged)
+        verdicts = (judges.finish_verdicts(used, judged, replies, n_judged, rating, calibration)
+                    if replies else [None] * n_judged)
+        judged = judged[:n_judged]
         self_raw: dict[int, str | None] = {}
         if baseline == "cascade_self":
             self_chats = [bl.self_check_messages(es.examples[i], es.system_prompts[i], responses[i]) for i in ok]

@@ -179,13 +179,14 @@ def write_report(results: Mapping[str, Any], out_dir: str | os.PathLike, *, plot
     return paths
 
 
-def compare_markdown(results_by_model: Mapping[str, Mapping[str, Any]]) -> str:
-    """One table: rows = models (or baselines), columns = overall, seen, unseen and per-config scores."""
+def compare_markdown(results_by_model: Mapping[str, Mapping[str, Any]], *, per_config: bool = True) -> str:
+    """One table: rows = models (or baselines), columns = overall, seen, unseen and (``per_config``)
+    per-config scores."""
     labels = list(results_by_model)
     configs: list[str] = []
     groups: list[str] = []
     for r in results_by_model.values():
-        configs += [c for c in r["metrics"]["per_config"] if c not in configs]
+        configs += [c for c in r["metrics"]["per_config"] if c not in configs and per_config]
         groups += [g for g in r["metrics"]["groups"] if g not in groups]
     header = (["model"] + [c[1] for c in _COLS[:3]] + ["valid %"] + [f"CoSA {g}" for g in groups]
               + [f"CoSA {c}" for c in configs])
@@ -196,7 +197,7 @@ def compare_markdown(results_by_model: Mapping[str, Mapping[str, Any]]) -> str:
             [label]
             + [_fmt(m[k], f) for k, _, f in _COLS[:3]]
             # Invalid judgements are excluded from every score: show how many were usable.
-            + [_fmt(None if m.get("valid_rate") is None else 100 * m["valid_rate"], "{:.0f}")]
+            + [_fmt(m.get("valid_rate"), "{:.0f}")]  # already a percentage
             + [_fmt(m["groups"].get(g, {}).get("cosa_score"), "{:+.3f}") for g in groups]
             + [_fmt(m["per_config"].get(c, {}).get("cosa_score"), "{:+.3f}") for c in configs]
         )

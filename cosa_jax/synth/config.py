@@ -48,6 +48,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.judge = ml_collections.ConfigDict()
     c.judge.structured_outputs = "auto"  # auto | vllm | openai | off (auto: vLLM's field, else OpenAI's, else free text)
     c.judge.rating = "argmax"  # argmax (the paper's) | expected (log-prob-weighted, needs logprobs)
+    c.judge.calibration = "off"  # off (the paper's argmax) | content_free (yes/no and risk decisions against an "N/A" input; needs logprobs)
     c.endpoints = ml_collections.ConfigDict()
     c.endpoints.permissive = endpoint_config("permissive", 1.0, 512)  # config-following generator
     c.endpoints.safe = endpoint_config("safe", 1.0, 512)  # plain safety-tuned generator

@@ -77,8 +77,10 @@ class StageError(RuntimeError):
 
 
 def _judge_kw(cfg: Any) -> dict[str, Any]:
-    """cfg.judge: structured_outputs (auto | vllm | openai | off) and rating (argmax | expected)."""
-    return dict(structured_outputs=str(cfg.judge.structured_outputs), rating=str(cfg.judge.rating))
+    """cfg.judge: structured_outputs (auto | vllm | openai | off), rating (argmax | expected) and
+    calibration (off | content_free)."""
+    return dict(structured_outputs=str(cfg.judge.structured_outputs), rating=str(cfg.judge.rating),
+                calibration=str(cfg.judge.calibration))
 
 
 def _out(cfg: Any) -> Path:

@@ -55,6 +55,18 @@ def summarize(name, compile_s, step_s):
             f"max {step_us.max():8.1f} us ({len(step_us)} steps)")
 
 
+def timed_walk(name, ids, eos, step, accepted=lambda t, out: out, why=lambda t: ""):
+    """Host seconds of ``step(t)`` (fill the mask, take ``t``) for each answer token, then eos;
+    ``accepted(t, out)`` checks the step's result outside the timed span."""
+    times = []
+    for t in ids + [eos]:
+        t0 = time.perf_counter()
+        out = step(t)
+        times.append(time.perf_counter() - t0)
+        assert accepted(t, out), f"{name} refused token {t}{why(t)}"
+    return times
+
+
 class XGrammar:
     name = "xgrammar"
 
@@ -73,13 +85,12 @@ class XGrammar:
     def walk(self, compiled, ids, eos):
         m = self.xgr.GrammarMatcher(compiled)
         mask = self.xgr.allocate_token_bitmask(1, self.vocab)
-        times = []
-        for t in ids + [eos]:
-            t0 = time.perf_counter()
+
+        def step(t):
             m.fill_next_token_bitmask(mask, 0)
-            ok = m.accept_token(t)
-            times.append(time.perf_counter() - t0)
-            assert ok, f"xgrammar refused token {t}"
+            return m.accept_token(t)
+
+        times = timed_walk(self.name, ids, eos, step)
         assert m.is_terminated()
         return times
 
@@ -106,13 +117,12 @@ class LLGuidance:
 
     def walk(self, matcher, ids, eos):
         mask = self.ll.numpy.allocate_token_bitmask(1, self.vocab)
-        times = []
-        for t in ids + [eos]:
-            t0 = time.perf_counter()
+
+        def step(t):
             self.ll.numpy.fill_next_token_bitmask(matcher, mask, 0)
-            ok = matcher.consume_token(t)
-            times.append(time.perf_counter() - t0)
-            assert ok, f"llguidance refused token {t}: {matcher.get_error()}"
+            return matcher.consume_token(t)
+
+        times = timed_walk(self.name, ids, eos, step, why=lambda t: f": {matcher.get_error()}")
         assert matcher.is_stopped() and not matcher.is_error()
         return times
 
@@ -124,15 +134,10 @@ class OutlinesCore:
         import outlines_core
         self.oc = outlines_core
         self.vocab = vocab
+        from cosa_jax.models.llama3_tokenizer import byte_to_unicode
+
         # Byte-level BPE token strings back to bytes (GPT-2's printable-byte alphabet).
-        bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-        cs, n = bs[:], 0
-        for b in range(256):
-            if b not in bs:
-                bs.append(b)
-                cs.append(256 + n)
-                n += 1
-        decoder = {chr(c): b for b, c in zip(bs, cs)}
+        decoder = {c: b for b, c in byte_to_unicode().items()}
         special = set(tok.all_special_ids)
         table: dict[bytes, list[int]] = {}
         for token, i in tok.get_vocab().items():
@@ -150,14 +155,14 @@ class OutlinesCore:
     def walk(self, index, ids, eos):
         guide = self.oc.Guide(index)
         mask = np.zeros((self.vocab + 31) // 32, np.int32)
-        times = []
-        for t in ids + [eos]:
-            t0 = time.perf_counter()
+
+        def step(t):
             guide.write_mask_into(mask.ctypes.data, mask.size, mask.itemsize)
             if t != eos:
                 guide.advance(t)
-            times.append(time.perf_counter() - t0)
-            assert (mask[t // 32] >> (t % 32)) & 1, f"outlines-core refused token {t}"
+
+        times = timed_walk(self.name, ids, eos, step,
+                           accepted=lambda t, _: (mask[t // 32] >> (t % 32)) & 1)
         assert guide.is_finished()
         return times
 

@@ -55,26 +55,41 @@ def summarize(name, compile_s, step_s):
             f"max {step_us.max():8.1f} us ({len(step_us)} steps)")
 
 
-def timed_walk(name, ids, eos, step, accepted=lambda t, out: out, why=lambda t: ""):
-    """Host seconds of ``step(t)`` (fill the mask, take ``t``) for each answer token, then eos;
-    ``accepted(t, out)`` checks the step's result outside the timed span."""
-    times = []
-    for t in ids + [eos]:
-        t0 = time.perf_counter()
-        out = step(t)
-        times.append(time.perf_counter() - t0)
-        assert accepted(t, out), f"{name} refused token {t}{why(t)}"
-    return times
+class Engine:
+    """One grammar engine: ``walk`` times ``step`` (fill the mask, take the token) per token;
+    ``accepted`` and ``finished`` check the result outside the timed span."""
 
-
-class XGrammar:
-    name = "xgrammar"
+    name = ""
 
     def __init__(self, tok, vocab):
+        self.vocab = vocab
+        self.load(tok)
+
+    def walk(self, compiled, ids, eos):
+        state = self.start(compiled)
+        times = []
+        for t in ids + [eos]:
+            t0 = time.perf_counter()
+            out = self.step(state, t, eos)
+            times.append(time.perf_counter() - t0)
+            assert self.accepted(state, t, out), f"{self.name} refused token {t}{self.error(state)}"
+        assert self.finished(state)
+        return times
+
+    def accepted(self, state, t, out):
+        return out
+
+    def error(self, state):
+        return ""
+
+
+class XGrammar(Engine):
+    name = "xgrammar"
+
+    def load(self, tok):
         import xgrammar as xgr
         self.xgr = xgr
-        self.info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=vocab)
-        self.vocab = vocab
+        self.info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=self.vocab)
 
     def compile(self, kind, spec):
         compiler = self.xgr.GrammarCompiler(self.info, cache_enabled=False)
@@ -82,29 +97,27 @@ class XGrammar:
             return compiler.compile_json_schema(json.dumps(spec), any_whitespace=False)
         return compiler.compile_regex(spec)
 
-    def walk(self, compiled, ids, eos):
-        m = self.xgr.GrammarMatcher(compiled)
-        mask = self.xgr.allocate_token_bitmask(1, self.vocab)
+    def start(self, compiled):
+        return self.xgr.GrammarMatcher(compiled), self.xgr.allocate_token_bitmask(1, self.vocab)
 
-        def step(t):
-            m.fill_next_token_bitmask(mask, 0)
-            return m.accept_token(t)
+    def step(self, state, t, eos):
+        matcher, mask = state
+        matcher.fill_next_token_bitmask(mask, 0)
+        return matcher.accept_token(t)
 
-        times = timed_walk(self.name, ids, eos, step)
-        assert m.is_terminated()
-        return times
+    def finished(self, state):
+        return state[0].is_terminated()
 
 
-class LLGuidance:
+class LLGuidance(Engine):
     name = "llguidance"
 
-    def __init__(self, tok, vocab):
+    def load(self, tok):
         import llguidance
         import llguidance.hf
         import llguidance.numpy
         self.ll = llguidance
-        self.lltok = llguidance.hf.from_tokenizer(tok, n_vocab=vocab)
-        self.vocab = vocab
+        self.lltok = llguidance.hf.from_tokenizer(tok, n_vocab=self.vocab)
 
     def compile(self, kind, spec):
         g = (self.ll.LLMatcher.grammar_from_json_schema(
@@ -115,33 +128,36 @@ class LLGuidance:
         assert not m.is_error(), m.get_error()
         return m
 
-    def walk(self, matcher, ids, eos):
-        mask = self.ll.numpy.allocate_token_bitmask(1, self.vocab)
+    def start(self, matcher):
+        return matcher, self.ll.numpy.allocate_token_bitmask(1, self.vocab)
 
-        def step(t):
-            self.ll.numpy.fill_next_token_bitmask(matcher, mask, 0)
-            return matcher.consume_token(t)
+    def step(self, state, t, eos):
+        matcher, mask = state
+        self.ll.numpy.fill_next_token_bitmask(matcher, mask, 0)
+        return matcher.consume_token(t)
 
-        times = timed_walk(self.name, ids, eos, step, why=lambda t: f": {matcher.get_error()}")
-        assert matcher.is_stopped() and not matcher.is_error()
-        return times
+    def error(self, state):
+        return f": {state[0].get_error()}"
+
+    def finished(self, state):
+        return state[0].is_stopped() and not state[0].is_error()
 
 
-class OutlinesCore:
+class OutlinesCore(Engine):
     name = "outlines-core"
 
-    def __init__(self, tok, vocab):
+    def load(self, tok):
         import outlines_core
-        self.oc = outlines_core
-        self.vocab = vocab
+
         from cosa_jax.models.llama3_tokenizer import byte_to_unicode
+        self.oc = outlines_core
 
         # Byte-level BPE token strings back to bytes (GPT-2's printable-byte alphabet).
         decoder = {c: b for b, c in byte_to_unicode().items()}
         special = set(tok.all_special_ids)
         table: dict[bytes, list[int]] = {}
         for token, i in tok.get_vocab().items():
-            if i in special or i >= vocab:
+            if i in special or i >= self.vocab:
                 continue
             table.setdefault(bytes(decoder[ch] for ch in token), []).append(i)
         self.eos = tok.eos_token_id
@@ -152,19 +168,21 @@ class OutlinesCore:
         regex = build_regex_from_schema(json.dumps(spec)) if kind == "json" else spec
         return self.oc.Index(regex, self.vocabulary)
 
-    def walk(self, index, ids, eos):
-        guide = self.oc.Guide(index)
-        mask = np.zeros((self.vocab + 31) // 32, np.int32)
+    def start(self, index):
+        return self.oc.Guide(index), np.zeros((self.vocab + 31) // 32, np.int32)
 
-        def step(t):
-            guide.write_mask_into(mask.ctypes.data, mask.size, mask.itemsize)
-            if t != eos:
-                guide.advance(t)
+    def step(self, state, t, eos):
+        guide, mask = state
+        guide.write_mask_into(mask.ctypes.data, mask.size, mask.itemsize)
+        if t != eos:
+            guide.advance(t)
 
-        times = timed_walk(self.name, ids, eos, step,
-                           accepted=lambda t, _: (mask[t // 32] >> (t % 32)) & 1)
-        assert guide.is_finished()
-        return times
+    def accepted(self, state, t, out):
+        mask = state[1]
+        return (mask[t // 32] >> (t % 32)) & 1
+
+    def finished(self, state):
+        return state[0].is_finished()
 
 
 def main(argv=None):

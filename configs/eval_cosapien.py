@@ -12,7 +12,6 @@ from configs.eval_cosalign_test import get_config as cosalign_test_config
 def get_config():
     c = cosalign_test_config()
     c.output_dir = "runs/eval_cosapien"
-    c.dataset.name = "cosapien"
-    c.dataset.source = "microsoft/CoSApien"
+    c.dataset.update(name="cosapien", source="microsoft/CoSApien")
     c.baseline.shots = "mini"
     return c

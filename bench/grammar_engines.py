@@ -55,11 +55,20 @@ def summarize(name, compile_s, step_s):
             f"max {step_us.max():8.1f} us ({len(step_us)} steps)")
 
 
+ENGINES = {}  # name -> engine class, in the order they are defined
+
+
 class Engine:
     """One grammar engine: ``walk`` times ``step`` (fill the mask, take the token) per token;
-    ``accepted`` and ``finished`` check the result outside the timed span."""
+    ``accepted`` and ``finished`` check the result outside the timed span. A subclass names
+    itself in its class line (``class X(Engine, name=...)``), which registers it in ENGINES."""
 
     name = ""
+
+    def __init_subclass__(cls, *, name: str, **kw):
+        super().__init_subclass__(**kw)
+        cls.name = name
+        ENGINES[name] = cls
 
     def __init__(self, tok, vocab):
         self.vocab = vocab
@@ -83,9 +92,7 @@ class Engine:
         return ""
 
 
-class XGrammar(Engine):
-    name = "xgrammar"
-
+class XGrammar(Engine, name="xgrammar"):
     def load(self, tok):
         import xgrammar as xgr
         self.xgr = xgr
@@ -109,9 +116,7 @@ class XGrammar(Engine):
         return state[0].is_terminated()
 
 
-class LLGuidance(Engine):
-    name = "llguidance"
-
+class LLGuidance(Engine, name="llguidance"):
     def load(self, tok):
         import llguidance
         import llguidance.hf
@@ -143,9 +148,7 @@ class LLGuidance(Engine):
         return state[0].is_stopped() and not state[0].is_error()
 
 
-class OutlinesCore(Engine):
-    name = "outlines-core"
-
+class OutlinesCore(Engine, name="outlines-core"):
     def load(self, tok):
         import outlines_core
 
@@ -199,12 +202,11 @@ def main(argv=None):
     vocab = len(tok)
     eos = tok.eos_token_id
     print(f"[grammar] SmolLM2 tokenizer, vocab {vocab}, eos {eos}")
-    classes = {c.name: c for c in (XGrammar, LLGuidance, OutlinesCore)}
     engines = []
     for name in args.engines.split(","):
         t0 = time.perf_counter()
         try:
-            engines.append(classes[name](tok, vocab))
+            engines.append(ENGINES[name](tok, vocab))
         except ImportError as e:
             print(f"[grammar] {name:<14} not installed ({e}); pip install -e '.[grammar-bench]'")
             continue

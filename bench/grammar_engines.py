@@ -55,14 +55,48 @@ def summarize(name, compile_s, step_s):
             f"max {step_us.max():8.1f} us ({len(step_us)} steps)")
 
 
-class XGrammar:
-    name = "xgrammar"
+ENGINES = {}  # name -> engine class, in the order they are defined
+
+
+class Engine:
+    """One grammar engine: ``walk`` times ``step`` (fill the mask, take the token) per token;
+    ``accepted`` and ``finished`` check the result outside the timed span. A subclass names
+    itself in its class line (``class X(Engine, name=...)``), which registers it in ENGINES."""
+
+    name = ""
+
+    def __init_subclass__(cls, *, name: str, **kw):
+        super().__init_subclass__(**kw)
+        cls.name = name
+        ENGINES[name] = cls
 
     def __init__(self, tok, vocab):
+        self.vocab = vocab
+        self.load(tok)
+
+    def walk(self, compiled, ids, eos):
+        state = self.start(compiled)
+        times = []
+        for t in ids + [eos]:
+            t0 = time.perf_counter()
+            out = self.step(state, t, eos)
+            times.append(time.perf_counter() - t0)
+            assert self.accepted(state, t, out), f"{self.name} refused token {t}{self.error(state)}"
+        assert self.finished(state)
+        return times
+
+    def accepted(self, state, t, out):
+        return out
+
+    def error(self, state):
+        return ""
+
+
+class XGrammar(Engine, name="xgrammar"):
+    def load(self, tok):
         import xgrammar as xgr
         self.xgr = xgr
-        self.info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=vocab)
-        self.vocab = vocab
+        self.info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=self.vocab)
 
     def compile(self, kind, spec):
         compiler = self.xgr.GrammarCompiler(self.info, cache_enabled=False)
@@ -70,30 +104,25 @@ class XGrammar:
             return compiler.compile_json_schema(json.dumps(spec), any_whitespace=False)
         return compiler.compile_regex(spec)
 
-    def walk(self, compiled, ids, eos):
-        m = self.xgr.GrammarMatcher(compiled)
-        mask = self.xgr.allocate_token_bitmask(1, self.vocab)
-        times = []
-        for t in ids + [eos]:
-            t0 = time.perf_counter()
-            m.fill_next_token_bitmask(mask, 0)
-            ok = m.accept_token(t)
-            times.append(time.perf_counter() - t0)
-            assert ok, f"xgrammar refused token {t}"
-        assert m.is_terminated()
-        return times
+    def start(self, compiled):
+        return self.xgr.GrammarMatcher(compiled), self.xgr.allocate_token_bitmask(1, self.vocab)
+
+    def step(self, state, t, eos):
+        matcher, mask = state
+        matcher.fill_next_token_bitmask(mask, 0)
+        return matcher.accept_token(t)
+
+    def finished(self, state):
+        return state[0].is_terminated()
 
 
-class LLGuidance:
-    name = "llguidance"
-
-    def __init__(self, tok, vocab):
+class LLGuidance(Engine, name="llguidance"):
+    def load(self, tok):
         import llguidance
         import llguidance.hf
         import llguidance.numpy
         self.ll = llguidance
-        self.lltok = llguidance.hf.from_tokenizer(tok, n_vocab=vocab)
-        self.vocab = vocab
+        self.lltok = llguidance.hf.from_tokenizer(tok, n_vocab=self.vocab)
 
     def compile(self, kind, spec):
         g = (self.ll.LLMatcher.grammar_from_json_schema(
@@ -104,39 +133,34 @@ class LLGuidance:
         assert not m.is_error(), m.get_error()
         return m
 
-    def walk(self, matcher, ids, eos):
-        mask = self.ll.numpy.allocate_token_bitmask(1, self.vocab)
-        times = []
-        for t in ids + [eos]:
-            t0 = time.perf_counter()
-            self.ll.numpy.fill_next_token_bitmask(matcher, mask, 0)
-            ok = matcher.consume_token(t)
-            times.append(time.perf_counter() - t0)
-            assert ok, f"llguidance refused token {t}: {matcher.get_error()}"
-        assert matcher.is_stopped() and not matcher.is_error()
-        return times
+    def start(self, matcher):
+        return matcher, self.ll.numpy.allocate_token_bitmask(1, self.vocab)
+
+    def step(self, state, t, eos):
+        matcher, mask = state
+        self.ll.numpy.fill_next_token_bitmask(matcher, mask, 0)
+        return matcher.consume_token(t)
+
+    def error(self, state):
+        return f": {state[0].get_error()}"
+
+    def finished(self, state):
+        return state[0].is_stopped() and not state[0].is_error()
 
 
-class OutlinesCore:
-    name = "outlines-core"
-
-    def __init__(self, tok, vocab):
+class OutlinesCore(Engine, name="outlines-core"):
+    def load(self, tok):
         import outlines_core
+
+        from cosa_jax.models.llama3_tokenizer import byte_to_unicode
         self.oc = outlines_core
-        self.vocab = vocab
+
         # Byte-level BPE token strings back to bytes (GPT-2's printable-byte alphabet).
-        bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-        cs, n = bs[:], 0
-        for b in range(256):
-            if b not in bs:
-                bs.append(b)
-                cs.append(256 + n)
-                n += 1
-        decoder = {chr(c): b for b, c in zip(bs, cs)}
+        decoder = {c: b for b, c in byte_to_unicode().items()}
         special = set(tok.all_special_ids)
         table: dict[bytes, list[int]] = {}
         for token, i in tok.get_vocab().items():
-            if i in special or i >= vocab:
+            if i in special or i >= self.vocab:
                 continue
             table.setdefault(bytes(decoder[ch] for ch in token), []).append(i)
         self.eos = tok.eos_token_id
@@ -147,19 +171,21 @@ class OutlinesCore:
         regex = build_regex_from_schema(json.dumps(spec)) if kind == "json" else spec
         return self.oc.Index(regex, self.vocabulary)
 
-    def walk(self, index, ids, eos):
-        guide = self.oc.Guide(index)
-        mask = np.zeros((self.vocab + 31) // 32, np.int32)
-        times = []
-        for t in ids + [eos]:
-            t0 = time.perf_counter()
-            guide.write_mask_into(mask.ctypes.data, mask.size, mask.itemsize)
-            if t != eos:
-                guide.advance(t)
-            times.append(time.perf_counter() - t0)
-            assert (mask[t // 32] >> (t % 32)) & 1, f"outlines-core refused token {t}"
-        assert guide.is_finished()
-        return times
+    def start(self, index):
+        return self.oc.Guide(index), np.zeros((self.vocab + 31) // 32, np.int32)
+
+    def step(self, state, t, eos):
+        guide, mask = state
+        guide.write_mask_into(mask.ctypes.data, mask.size, mask.itemsize)
+        if t != eos:
+            guide.advance(t)
+
+    def accepted(self, state, t, out):
+        mask = state[1]
+        return (mask[t // 32] >> (t % 32)) & 1
+
+    def finished(self, state):
+        return state[0].is_finished()
 
 
 def main(argv=None):
@@ -176,12 +202,11 @@ def main(argv=None):
     vocab = len(tok)
     eos = tok.eos_token_id
     print(f"[grammar] SmolLM2 tokenizer, vocab {vocab}, eos {eos}")
-    classes = {c.name: c for c in (XGrammar, LLGuidance, OutlinesCore)}
     engines = []
     for name in args.engines.split(","):
         t0 = time.perf_counter()
         try:
-            engines.append(classes[name](tok, vocab))
+            engines.append(ENGINES[name](tok, vocab))
         except ImportError as e:
             print(f"[grammar] {name:<14} not installed ({e}); pip install -e '.[grammar-bench]'")
             continue

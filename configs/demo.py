@@ -25,10 +25,7 @@ def get_config():
     c.train.grad_accum = 1
     c.train.lr = 2e-5
     c.train.warmup_steps = 2
-    c.train.eval_every = 0
-    c.dpo.beta = 0.1
     c.dpo.share_prompt = True
     c.train.save_logits = True
-    c.mesh.shape = (1, -1, 1)
     c.checkpoint.every = 4
     return c

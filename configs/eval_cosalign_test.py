@@ -14,13 +14,8 @@ from cosa_jax.eval.config import default_config
 
 
 def get_config():
-    c = default_config()
+    c = default_config()  # the paper's settings: GPT-4o judge, 1,024 tokens, candidate "cosa" at :8000
     c.output_dir = "runs/eval_cosalign_test"
-    c.max_new_tokens = 1024
-    c.dataset.name = "cosalign_test"
-    c.dataset.source = "microsoft/CoSAlign-Test"
-    c.candidate.update(model="cosa", base_url="http://127.0.0.1:8000/v1", api_key_env="", concurrency=32)
-    c.judge.update(model="gpt-4o", base_url="", api_key_env="OPENAI_API_KEY", max_tokens=1024, concurrency=16)
-    c.baseline.name = "none"
-    c.baseline.k = 5
+    c.dataset.update(name="cosalign_test", source="microsoft/CoSAlign-Test")
+    c.candidate.concurrency = 32
     return c

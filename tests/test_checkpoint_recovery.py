@@ -209,14 +209,20 @@ DAMAGE = {
 }
 
 
-@pytest.mark.parametrize("kind", list(DAMAGE))
-def test_each_damage_kind_falls_back_to_the_previous_step(saved_steps, tmp_path, kind, capfd):
+def _restore_damaged(saved_steps, tmp_path, damage, *, async_save):
+    """A copy of the saved steps with ``damage`` done to step 3, restored: (dir, log lines,
+    manager, what restore_newest gave)."""
     d = tmp_path / "checkpoints"
     shutil.copytree(saved_steps, d)
-    DAMAGE[kind](d / "3")
+    damage(d / "3")
     lines = []
-    manager = ckpt.make_manager(d, keep=5, async_save=True, log=lines.append)
-    restored = ckpt.restore_newest(manager, small_state(0)[1], log=lines.append)
+    manager = ckpt.make_manager(d, keep=5, async_save=async_save, log=lines.append)
+    return d, lines, manager, ckpt.restore_newest(manager, small_state(0)[1], log=lines.append)
+
+
+@pytest.mark.parametrize("kind", list(DAMAGE))
+def test_each_damage_kind_falls_back_to_the_previous_step(saved_steps, tmp_path, kind, capfd):
+    d, lines, manager, restored = _restore_damaged(saved_steps, tmp_path, DAMAGE[kind], async_save=True)
     assert restored.step == 2 and restored.position == DataPosition(0, 4)
     np.testing.assert_array_equal(restored.state["params"]["w"], np.arange(4096) * 2.0)
     assert len(lines) == 1 and lines[0].startswith(f"[cosa-jax] skipping checkpoint {d / '3'}: ")
@@ -232,12 +238,10 @@ def test_each_damage_kind_falls_back_to_the_previous_step(saved_steps, tmp_path,
 
 
 def test_unfinished_save_is_skipped_with_one_line(saved_steps, tmp_path):
-    d = tmp_path / "checkpoints"
-    shutil.copytree(saved_steps, d)
-    (d / "3").rename(d / f"3{ckpt.TMP_SUFFIX}-1234")
-    lines = []
-    manager = ckpt.make_manager(d, keep=5, async_save=True, log=lines.append)
-    assert ckpt.restore_newest(manager, small_state(0)[1], log=lines.append).step == 2
+    d, lines, manager, restored = _restore_damaged(
+        saved_steps, tmp_path, lambda step: step.rename(step.with_name(f"3{ckpt.TMP_SUFFIX}-1234")),
+        async_save=True)
+    assert restored.step == 2
     assert len(lines) == 1 and "unfinished save" in lines[0] and f"3{ckpt.TMP_SUFFIX}" in lines[0]
     manager.wait_until_finished()
     manager.close()
@@ -256,12 +260,7 @@ WHOLE_DATA = {
 def test_damage_to_files_the_restore_does_not_need_keeps_the_step(saved_steps, tmp_path, kind):
     """Restoring with the full abstract state does not read these: the data is whole, so the
     step is used, with its exact values."""
-    d = tmp_path / "checkpoints"
-    shutil.copytree(saved_steps, d)
-    WHOLE_DATA[kind](d / "3")
-    lines = []
-    manager = ckpt.make_manager(d, keep=5, async_save=False, log=lines.append)
-    restored = ckpt.restore_newest(manager, small_state(0)[1], log=lines.append)
+    _, lines, _, restored = _restore_damaged(saved_steps, tmp_path, WHOLE_DATA[kind], async_save=False)
     assert restored.step == 3 and lines == []
     np.testing.assert_array_equal(restored.state["params"]["w"], np.arange(4096) * 3.0)
 

@@ -11,7 +11,7 @@ import pytest
 
 from cosa_jax.train import data
 from cosa_jax.train.batches import SftBatch
-from test_chat import tiny_llama3_tokenizer  # noqa: E402  (tests/ is on sys.path under pytest)
+from test_chat import llama_tok, smol_tok  # noqa: E402,F401  (its fixtures; tests/ is on sys.path under pytest)
 
 MINI = resources.files("cosa_jax") / "data" / "mini_prefs.jsonl"
 MINI_DEV = resources.files("cosa_jax") / "data" / "mini_prefs_dev.jsonl"
@@ -27,20 +27,6 @@ def _row(i=0, **kw):
 def _write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
-
-
-@pytest.fixture(scope="module")
-def llama_tok():
-    return tiny_llama3_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def smol_tok():
-    from transformers import AutoTokenizer
-
-    from cosa_jax.models.embedded import embedded_model_dir
-
-    return AutoTokenizer.from_pretrained(embedded_model_dir())
 
 
 # ----- truncation --------------------------------------------------------------------------

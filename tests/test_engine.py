@@ -11,17 +11,14 @@ import torch
 from cosa_jax.inference.engine import Engine, IncrementalText, pack_mask, unpack_mask
 from cosa_jax.inference.sampler import SamplingParams, generate
 from cosa_jax.models import EMBEDDED_MODEL, load_hf, load_tokenizer
-from cosa_jax.testing.model_fixtures import make_hf_model
+from cosa_jax.testing.model_fixtures import make_loaded_model
 
 NEVER = 10**6   # an end-of-sequence id no model here can produce: rows run to max_tokens
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_engine")
-    hf = make_hf_model(path)
-    model, cfg = load_hf(path)
-    return hf, model.params(), cfg
+    return make_loaded_model(tmp_path_factory.mktemp("tiny_engine"))
 
 
 def drive(engine, handles):
@@ -277,14 +274,12 @@ class Forced:
 
 def test_streamed_text_of_forced_multibyte_tokens_never_splits_a_character(tmp_path,
                                                                            smol_tokenizer):
-    path = tmp_path / "tiny49k"
-    make_hf_model(path, vocab_size=49152)
-    model, cfg = load_hf(path)
+    _, params, cfg = make_loaded_model(tmp_path / "tiny49k", vocab_size=49152)
     tok = smol_tokenizer
     text = "Grüße, 東京タワー 🦜🌊 — and so on."
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert any("\ufffd" in tok.decode([t]) for t in ids)
-    engine = Engine(model.params(), cfg, eos_ids=[2], tokenizer=tok, slots=2)
+    engine = Engine(params, cfg, eos_ids=[2], tokenizer=tok, slots=2)
     pieces = []
     hs = [engine.submit([5, 6], SamplingParams(max_new_tokens=64), constraint=Forced(cfg.vocab_size, ids),
                         on_output=lambda out: pieces.append(out.text)),

@@ -15,24 +15,13 @@ quicktok = pytest.importorskip("quicktok")
 from cosa_jax import chat  # noqa: E402
 from cosa_jax import safety_configs as sc  # noqa: E402
 from cosa_jax.inference.server import ChatModel, render_messages  # noqa: E402
-from cosa_jax.models import llama3_tokenizer as lt  # noqa: E402
 from cosa_jax.models.config import LlamaConfig  # noqa: E402
-from cosa_jax.models.hf_io import load_tokenizer  # noqa: E402
 from cosa_jax.models.snapshot import LLAMA31_8B  # noqa: E402
 from cosa_jax.taxonomy import Category  # noqa: E402
 from cosa_jax.train import data  # noqa: E402
+from test_llama3_tokenizer import enc, hf_tok as tok  # noqa: E402,F401  (its fixtures; tests/ is on sys.path)
 
 BOS, EOT, SH, EH = 128_000, 128_009, 128_006, 128_007
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("embedded:" + lt.NAME)
-
-
-@pytest.fixture(scope="module")
-def enc():
-    return lt.quicktok_encoding()
 
 
 def official_prompt(system: str, user: str, date: str = chat.PINNED_DATE) -> str:

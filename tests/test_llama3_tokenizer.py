@@ -120,6 +120,15 @@ def _bundled_texts() -> list[str]:
     return out
 
 
+def encode_as_text(backend, texts: list[str]) -> list[list[int]]:
+    """Ids of plain text: every special-token string is text (quicktok's encode_ordinary)."""
+    backend.encode_special_tokens = True
+    try:
+        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+    finally:
+        backend.encode_special_tokens = False
+
+
 def test_token_for_token_against_quicktok(hf_tok, enc):
     texts = varied_strings(N_STRINGS, seed=21)
     assert len(set(texts)) > 0.9 * N_STRINGS
@@ -127,12 +136,7 @@ def test_token_for_token_against_quicktok(hf_tok, enc):
     assert len(bundled) > 100
     texts += bundled
     backend = hf_tok.backend_tokenizer
-    # Plain text: every special-token string is text (quicktok's encode_ordinary).
-    backend.encode_special_tokens = True
-    try:
-        ours = [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
-    finally:
-        backend.encode_special_tokens = False
+    ours = encode_as_text(backend, texts)
     mismatches = [(t, a, enc.encode_ordinary(t)) for t, a in zip(texts, ours)
                   if a != enc.encode_ordinary(t)]
     print(f"\nllama-3 tokenizer vs quicktok: {len(mismatches)} mismatches in {len(texts)} strings, "
@@ -163,12 +167,7 @@ def tiktoken_llama3(enc):
 
 def test_token_for_token_against_tiktoken(hf_tok, enc, tiktoken_llama3):
     texts = varied_strings(N_STRINGS, seed=21) + vocabulary_piece_strings(enc, N_STRINGS, seed=7)
-    backend = hf_tok.backend_tokenizer
-    backend.encode_special_tokens = True
-    try:
-        ours = [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
-    finally:
-        backend.encode_special_tokens = False
+    ours = encode_as_text(hf_tok.backend_tokenizer, texts)
     reference = [tiktoken_llama3.encode_ordinary(t) for t in texts]
     mismatches = [t for t, a, b in zip(texts, ours, reference) if a != b]
     # quicktok's own encoder departs from the reference on a few words that hold a token no

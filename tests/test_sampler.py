@@ -10,15 +10,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from cosa_jax.inference.sampler import SamplingParams, generate
 from cosa_jax.models import EMBEDDED_MODEL, load_hf, resolve_model_dir
 from cosa_jax.models.llama import forward
-from cosa_jax.testing.model_fixtures import make_hf_model
+from cosa_jax.testing.model_fixtures import make_loaded_model
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_sampler")
-    hf = make_hf_model(path)
-    model, cfg = load_hf(path)
-    return hf, model.params(), cfg
+    return make_loaded_model(tmp_path_factory.mktemp("tiny_sampler"))
 
 
 def greedy_without_cache(params, cfg, prompt, n_new, eos):

@@ -5,6 +5,7 @@ it shares) is served on 127.0.0.1 in-process; the official ``openai`` client tal
 """
 
 import concurrent.futures as cf
+import contextlib
 import json
 import socket
 import subprocess
@@ -346,17 +347,15 @@ def test_openai_client_sees_400_for_unsupported_features(served):
 
 
 # ------------------------------------------------------------------------ the CLI
-def test_launch_serve_cli_end_to_end(tiny_dir, tmp_path):
-    path, _ = tiny_dir
-    (tmp_path / "registry.json").write_text(json.dumps(REGISTRY))
-    (tmp_path / "default.txt").write_text(DEFAULT_CONFIG + "\n")
+@contextlib.contextmanager
+def launched_serve(*config_args, what="server"):
+    """``python -m launch.serve`` with ``config_args`` on a free port; yields an OpenAI client
+    (key sk-reader) once /health answers, and stops the process after the block."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "launch.serve", f"--config.model={path}", f"--config.port={port}",
-         f"--config.served_model_name={MODEL}", f"--config.auth_registry={tmp_path / 'registry.json'}",
-         f"--config.default_safety_config={tmp_path / 'default.txt'}"],
+        [sys.executable, "-m", "launch.serve", *config_args, f"--config.port={port}"],
         cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 120
@@ -366,18 +365,27 @@ def test_launch_serve_cli_end_to_end(tiny_dir, tmp_path):
                 break
             except OSError:
                 assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-                assert time.time() < deadline, "server did not come up in 120 s"
+                assert time.time() < deadline, f"{what} did not come up in 120 s"
                 time.sleep(0.5)
-        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-reader", max_retries=0)
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-reader", max_retries=0)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_launch_serve_cli_end_to_end(tiny_dir, tmp_path):
+    path, _ = tiny_dir
+    (tmp_path / "registry.json").write_text(json.dumps(REGISTRY))
+    (tmp_path / "default.txt").write_text(DEFAULT_CONFIG + "\n")
+    with launched_serve(f"--config.model={path}", f"--config.served_model_name={MODEL}",
+                        f"--config.auth_registry={tmp_path / 'registry.json'}",
+                        f"--config.default_safety_config={tmp_path / 'default.txt'}") as c:
         resp = ask(c, "Hi", max_tokens=4)
         tok = load_tokenizer(path)
         expected = tok(render_prompt(tok, DEFAULT_CONFIG, "Hi"), add_special_tokens=False)["input_ids"]
         assert resp.usage.prompt_tokens == len(expected)   # the file's config, stripped
         with pytest.raises(openai.PermissionDeniedError):
             ask(c, "Hi", "Anything goes.")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 # ------------------------------------------------------------------------ streaming
@@ -610,31 +618,12 @@ def test_gateway_answers_502_when_the_upstream_fails(tiny_dir):
 def test_launch_serve_upstream_runs_the_gateway(served, tiny_dir, tmp_path):
     _, model, open_srv, _ = served
     path, _ = tiny_dir
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "launch.serve", f"--config.upstream={open_srv.base_url}", f"--config.port={port}",
-         f"--config.auth_registry={path / 'registry.json'}", f"--config.default_safety_config={DEFAULT_CONFIG}"],
-        cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
-                break
-            except OSError:
-                assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-                assert time.time() < deadline, "gateway did not come up in 120 s"
-                time.sleep(0.5)
-        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-reader", max_retries=0)
+    with launched_serve(f"--config.upstream={open_srv.base_url}", f"--config.auth_registry={path / 'registry.json'}",
+                        f"--config.default_safety_config={DEFAULT_CONFIG}", what="gateway") as c:
         resp = ask(c, "Hi", max_tokens=4)
         assert resp.usage.prompt_tokens == len(prompt_ids(model, DEFAULT_CONFIG, "Hi"))
         with pytest.raises(openai.PermissionDeniedError):
             ask(c, "Hi", "Anything goes.")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 # ------------------------------------------------------------------------ the real embedded model

@@ -14,24 +14,13 @@ from cosa_jax.synth import stages
 from cosa_jax.synth.inputs import load_mini_prompts
 from cosa_jax.taxonomy import SEEN_CATEGORIES, from_dash_string
 from cosa_jax.testing.scripted_server import FakeChatServer, ScriptedReplies
+from cosa_jax.testing.synth_fixtures import reference_error_score, shipped_synth_config
 
 REPO = Path(__file__).resolve().parents[1]
 COLUMNS = [
     "system_prompt", "prompt", "chosen_response", "rejected_response", "spec_i", "spec_j", "mode",
     "chosen_cat", "rejected_cat", "chosen_category_error_score", "rejected_category_error_score",
 ]
-
-
-def _demo_config(out_dir, base_url):
-    spec = importlib.util.spec_from_file_location("synth_demo", REPO / "configs" / "synth_demo.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    cfg = mod.get_config()
-    cfg.out_dir = str(out_dir)
-    cfg.progress = False
-    for role in cfg.endpoints:
-        cfg.endpoints[role].base_url = base_url
-    return cfg
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +30,7 @@ def pipeline(tmp_path_factory):
     held = [r["prompt"] for r in load_mini_prompts()[:2]]
     test_file.write_text("".join(json.dumps({"prompt": p.upper()}) + "\n" for p in held))
     with FakeChatServer(ScriptedReplies(judge_garbage_rate=0.2)) as srv:
-        cfg = _demo_config(tmp / "out", srv.base_url)
+        cfg = shipped_synth_config(tmp / "out", srv.base_url)
         cfg.test_prompts = [str(test_file)]
         stages.run_all(cfg)
         n_first = srv.total_requests()
@@ -52,9 +41,8 @@ def pipeline(tmp_path_factory):
     return dict(cfg=cfg, out=tmp / "out", first=first, second=second, n_first=n_first, n_second=n_second, held=held)
 
 
-def _ref_err(allowed, risks, addressed, train=frozenset(SEEN_CATEGORIES)):
-    r = {c for c in risks if c in train} | ({"other"} if any(c not in train for c in risks) else set())
-    return (0 if addressed else 1) + 0.1 * len(r & set(allowed)) + 3 * len(r - set(allowed))
+def _ref_err(allowed, risks, addressed):
+    return reference_error_score(allowed, risks, addressed, SEEN_CATEGORIES)
 
 
 def test_schema_and_splits(pipeline):
@@ -142,7 +130,7 @@ def test_summaries_count_invalid_and_overlap(pipeline):
 
 
 def test_missing_input_stage_is_a_clear_error(tmp_path):
-    cfg = _demo_config(tmp_path / "empty", "http://127.0.0.1:9/v1")
+    cfg = shipped_synth_config(tmp_path / "empty", "http://127.0.0.1:9/v1")
     with pytest.raises(stages.StageError, match="run stage 'label_responses' first"):
         stages.run_stage(cfg, "score")
 
@@ -150,7 +138,7 @@ def test_missing_input_stage_is_a_clear_error(tmp_path):
 def test_empty_stage_output_is_a_clear_error(tmp_path):
     """A stage that kept nothing (e.g. a judge whose every label was invalid) stops the next
     stage with a StageError naming it, not an IndexError from inside `datasets`."""
-    cfg = _demo_config(tmp_path / "o", "http://127.0.0.1:9/v1")
+    cfg = shipped_synth_config(tmp_path / "o", "http://127.0.0.1:9/v1")
     stages._write_atomic(datasets.Dataset.from_list([]), stages.stage_path(cfg, "score"))
     with pytest.raises(stages.StageError, match="stage 'score' produced no rows"):
         stages.run_stage(cfg, "pair")

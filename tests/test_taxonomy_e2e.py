@@ -1,7 +1,6 @@
 """CoSA on a second, non-CoSA taxonomy (the shipped cooking-and-chemistry classroom): synthesis ->
 pairs -> training data -> evaluation tables, all against the scripted judge."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from cosa_jax.eval.pipeline import evaluate
 from cosa_jax.synth import stages
 from cosa_jax.taxonomy import ALL_CATEGORIES, load_taxonomy
 from cosa_jax.testing.scripted_server import FakeChatServer, PromptLabels, ScriptedReplies
+from cosa_jax.testing.synth_fixtures import reference_error_score, shipped_synth_config
 from cosa_jax.train.data import load_preference_rows, tokenize_pairs
 from test_chat import tiny_llama3_tokenizer  # noqa: E402  (tests/ is on sys.path under pytest)
 
@@ -33,25 +33,17 @@ def _rows(path):
 
 
 def _ref_err(allowed, risks, addressed):
-    """Spec §4.5 written out for this taxonomy: outside-training risks collapse into one 'other'."""
-    r = {c for c in risks if c in SEEN} | ({"other"} if any(c not in SEEN for c in risks) else set())
-    return (0 if addressed else 1) + 0.1 * len(r & set(allowed)) + 3 * len(r - set(allowed))
+    """Spec §4.5 for this taxonomy: outside-training risks collapse into one 'other'."""
+    return reference_error_score(allowed, risks, addressed, SEEN)
 
 
 def _synth_config(out_dir, base_url):
-    spec = importlib.util.spec_from_file_location("synth_demo", REPO / "configs" / "synth_demo.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    cfg = mod.get_config()
-    cfg.out_dir = str(out_dir)
-    cfg.progress = False
+    cfg = shipped_synth_config(out_dir, base_url)
     cfg.taxonomy = str(TAX_FILE)
     cfg.train_categories = []  # the taxonomy's seen categories
     cfg.sources = [dict(kind="file", path=str(PROMPTS), field="prompt")]
     cfg.test_prompts = [str(TEST_SET)]
     cfg.pairing.dev_fraction = 0.3  # the set is small: make sure the dev split is not empty
-    for role in cfg.endpoints:
-        cfg.endpoints[role].base_url = base_url
     return cfg
 
 

@@ -23,6 +23,7 @@ from cosa_jax.taxonomy import (
     to_dash_string,
     to_dotted_name,
 )
+from cosa_jax.testing.synth_fixtures import reference_error_score
 
 # A custom taxonomy for a (fictional) bank's assistant, written as a parsed document.
 BANK = {
@@ -117,11 +118,6 @@ def test_custom_taxonomy_judge_prompts_and_schema(bank):
     assert "missing" in js["response_risk"].parse(json.dumps(verdict)).error
 
 
-def _ref_err(allowed, risks, addressed, train):
-    r = {c for c in risks if c in train} | ({"other"} if any(c not in train for c in risks) else set())
-    return (0 if addressed else 1) + 0.1 * len(r & set(allowed)) + 3 * len(r - set(allowed))
-
-
 def test_custom_taxonomy_error_score_and_pairs(bank):
     seen = {"Account Takeover", "Money Mule Schemes"}
     cases = [([], [], True), (["Account Takeover"], ["Account Takeover"], True),
@@ -129,7 +125,7 @@ def test_custom_taxonomy_error_score_and_pairs(bank):
              (["Money Mule Schemes"], ["Other Banking Harms", "Card Skimming"], False)]
     for allowed, risks, addressed in cases:
         got = error_score(allowed, risks, addressed, taxonomy=bank)
-        assert got == pytest.approx(_ref_err(allowed, risks, addressed, seen))
+        assert got == pytest.approx(reference_error_score(allowed, risks, addressed, seen))
     pool = [LabelledResponse("r0", "x", ["Card Skimming"], True), LabelledResponse("r1", "y", [], False),
             LabelledResponse("r2", "z", ["Account Takeover"], True)]
     pairs = make_pairs(pool, ["Account Takeover"], random.Random(0), taxonomy=bank)

@@ -11,12 +11,12 @@ are counted, never scored as a wrong answer or a zero.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from cosa_jax import judges
 from cosa_jax.endpoint.journal import Journal
+from cosa_jax.jsonl import iter_jsonl_objects
 from cosa_jax.safety_configs import render_category_config
 from cosa_jax.taxonomy import ALL_CATEGORIES, parse_categories
 
@@ -27,23 +27,16 @@ def load_rows(path: str | Path) -> list[dict[str, Any]]:
     rows = []
     need = ("prompt", "prompt_risks", "response", "response_risks", "addressed", "rating", "allowed",
             "compliant")
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not JSON: {e}") from None
-            missing = [k for k in need if k not in r]
-            if missing:
-                raise ValueError(f"{path}:{n}: missing field(s) {missing}")
-            try:
-                for k in ("prompt_risks", "response_risks", "allowed"):
-                    r[k] = parse_categories(r[k])
-            except ValueError as e:
-                raise ValueError(f"{path}:{n}: {e}") from None
-            rows.append(r)
+    for n, r in iter_jsonl_objects(path, allow_empty=True):
+        missing = [k for k in need if k not in r]
+        if missing:
+            raise ValueError(f"{path}:{n}: missing field(s) {missing}")
+        try:
+            for k in ("prompt_risks", "response_risks", "allowed"):
+                r[k] = parse_categories(r[k])
+        except ValueError as e:
+            raise ValueError(f"{path}:{n}: {e}") from None
+        rows.append(r)
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows

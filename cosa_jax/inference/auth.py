@@ -158,6 +158,18 @@ def bearer_key(authorization: str | None) -> str | None:
     return key.strip()
 
 
+def _key_rights(api_key: str | None, registry: Registry) -> KeyRights:
+    """What ``api_key`` may do under ``registry``; a missing or unknown key is a 401."""
+    if api_key is None:
+        if not registry.allow_anonymous:
+            raise AuthError(401, "missing API key: send 'Authorization: Bearer KEY' with a key "
+                            "from the server's registry", "invalid_api_key")
+        return KeyRights("anonymous")
+    if api_key in registry.keys:
+        return registry.keys[api_key]
+    raise AuthError(401, "unknown API key (not in the server's registry)", "invalid_api_key")
+
+
 def apply_policy(messages: Sequence[Mapping[str, str]], api_key: str | None,
                  registry: Registry | None, default_config: str | None,
                  requested_config: str | None = None) -> list[dict[str, str]]:
@@ -178,15 +190,7 @@ def apply_policy(messages: Sequence[Mapping[str, str]], api_key: str | None,
         chosen = sent if sent is not None else default_config
         return ([{"role": "system", "content": chosen}] if chosen is not None else []) + rest
 
-    if api_key is None:
-        if not registry.allow_anonymous:
-            raise AuthError(401, "missing API key: send 'Authorization: Bearer KEY' with a key "
-                            "from the server's registry", "invalid_api_key")
-        rights = KeyRights("anonymous")
-    elif api_key in registry.keys:
-        rights = registry.keys[api_key]
-    else:
-        raise AuthError(401, "unknown API key (not in the server's registry)", "invalid_api_key")
+    rights = _key_rights(api_key, registry)
 
     if requested_config is not None:
         if sent is not None:
@@ -221,15 +225,7 @@ def check_raw_prompt(api_key: str | None, registry: Registry | None) -> None:
     turn: with a registry only a key that may set any config (``"*"``) may send one."""
     if registry is None:
         return
-    if api_key is None:
-        if not registry.allow_anonymous:
-            raise AuthError(401, "missing API key: send 'Authorization: Bearer KEY' with a key "
-                            "from the server's registry", "invalid_api_key")
-        rights = KeyRights("anonymous")
-    elif api_key in registry.keys:
-        rights = registry.keys[api_key]
-    else:
-        raise AuthError(401, "unknown API key (not in the server's registry)", "invalid_api_key")
+    rights = _key_rights(api_key, registry)
     if not rights.any_config:
         raise AuthError(403, "raw prompts (/v1/completions) bypass the safety-config policy: this "
                         "API key may use /v1/chat/completions only (raw prompts need a key with "

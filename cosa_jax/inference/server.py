@@ -43,6 +43,7 @@ from cosa_jax.inference.auth import (SYSTEM_ROLES, AuthError, Registry, apply_po
 from cosa_jax.inference.engine import MAX_TOP_LOGPROBS, Engine, StepOutput, TokenLogprob
 from cosa_jax.inference.requests import Admission, ApiError, ServerLimits, read_json_body
 from cosa_jax.inference.requests import number as _number
+from cosa_jax.models.llama3_tokenizer import byte_to_unicode
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +66,7 @@ def render_messages(tokenizer, messages: Sequence[Mapping[str, str]]) -> str:
 @functools.lru_cache(maxsize=1)
 def _byte_level_alphabet() -> dict[str, int]:
     """GPT-2 byte-level BPE's printable stand-in for each byte, inverted (char -> byte)."""
-    keep = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1))
-            + list(range(ord("\xae"), ord("\xff") + 1)))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + extra)] = b
-            extra += 1
-    return chars
+    return {c: b for b, c in byte_to_unicode().items()}
 
 
 # ------------------------------------------------------------------------ model side

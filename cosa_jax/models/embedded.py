@@ -12,11 +12,13 @@ float32, tokenizer files with the chat template) under ``$COSA_JAX_CACHE`` (defa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -130,27 +132,49 @@ def materialize(gguf_file: Path, out_dir: Path) -> None:
             w = _unpermute_rows(w, config["num_key_value_heads"])
         tensors[_hf_name(t.name)] = np.ascontiguousarray(w)
 
+    source = {"gguf": str(gguf_file), "size": gguf_file.stat().st_size}
+    with replaced_dir(out_dir, source, _FORMAT_VERSION) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
+             "do_sample": False}, indent=2))
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+        tokenizer.save_pretrained(str(tmp))
+
+
+@contextlib.contextmanager
+def replaced_dir(out_dir: Path, source: dict, version: str) -> Iterator[Path]:
+    """Yield an empty temp directory to fill; it then replaces ``out_dir``, with a SOURCE.json of
+    ``source`` and the format ``version`` (a crash leaves no half-written ``out_dir``)."""
     tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    (tmp / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
-         "do_sample": False}, indent=2))
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
-    tokenizer.save_pretrained(str(tmp))
-    (tmp / "SOURCE.json").write_text(json.dumps(
-        {"gguf": str(gguf_file), "size": gguf_file.stat().st_size, "format": _FORMAT_VERSION}))
+    yield tmp
+    (tmp / "SOURCE.json").write_text(json.dumps({**source, "format": version}))
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
 
 
-def _is_current(out: Path) -> bool:
+def _is_current(out: Path, version: str) -> bool:
     try:
-        return json.loads((out / "SOURCE.json").read_text()).get("format") == _FORMAT_VERSION
+        return json.loads((out / "SOURCE.json").read_text()).get("format") == version
     except (FileNotFoundError, json.JSONDecodeError):
         return False
+
+
+def materialised(out: Path, version: str, build: Callable[[Path], None], what: str) -> Path:
+    """``out``, first built by ``build(out)`` unless its SOURCE.json has format ``version``; under
+    a file lock, so that processes starting together build it once."""
+    if _is_current(out, version):
+        return out
+    from filelock import FileLock
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if not _is_current(out, version):
+            print(f"[cosa-jax] {what} into {out} (once)", file=sys.stderr)
+            build(out)
+    return out
 
 
 def embedded_model_dir(name: str | None = None) -> Path:
@@ -163,17 +187,8 @@ def embedded_model_dir(name: str | None = None) -> Path:
     if name != DEFAULT_NAME:
         raise ValueError(f"unknown embedded model {name!r}; available: "
                          f"{DEFAULT_NAME!r}, {llama3_tokenizer.NAME!r}")
-    out = cache_root() / "models" / name
-    if _is_current(out):
-        return out
-    from filelock import FileLock
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out) + ".lock"):
-        if not _is_current(out):
-            print(f"[cosa-jax] materialising {name} from its GGUF into {out} (once)",
-                  file=sys.stderr)
-            materialize(gguf_path(), out)
-    return out
+    return materialised(cache_root() / "models" / name, _FORMAT_VERSION,
+                        lambda out: materialize(gguf_path(), out), f"materialising {name} from its GGUF")
 
 
 if __name__ == "__main__":

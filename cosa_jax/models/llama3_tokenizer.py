@@ -26,9 +26,6 @@ against tiktoken (Meta's reference algorithm for Llama-3) on the same ranks.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import sys
 from pathlib import Path
 
 NAME = "llama-3.1-tokenizer"
@@ -226,38 +223,20 @@ def write_tokenizer_files(out_dir: Path, tok=None) -> None:
 
 def materialize(out_dir: Path) -> None:
     """Write the tokenizer directory atomically (a crash leaves no half-written directory)."""
-    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write_tokenizer_files(tmp)
     import quicktok
-    (tmp / "SOURCE.json").write_text(json.dumps(
-        {"source": f"quicktok-v1 {quicktok.__version__} llama3", "format": _FORMAT_VERSION}))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
 
-
-def _is_current(out: Path) -> bool:
-    try:
-        return json.loads((out / "SOURCE.json").read_text()).get("format") == _FORMAT_VERSION
-    except (FileNotFoundError, json.JSONDecodeError):
-        return False
+    from cosa_jax.models.embedded import replaced_dir
+    with replaced_dir(out_dir, {"source": f"quicktok-v1 {quicktok.__version__} llama3"},
+                      _FORMAT_VERSION) as tmp:
+        write_tokenizer_files(tmp)
 
 
 def tokenizer_dir() -> Path:
     """Path of the materialised Llama-3.1 tokenizer directory, creating it on first use."""
-    from cosa_jax.models.embedded import cache_root
+    from cosa_jax.models.embedded import cache_root, materialised
 
-    out = cache_root() / "models" / NAME
-    if _is_current(out):
-        return out
-    from filelock import FileLock
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out) + ".lock"):
-        if not _is_current(out):
-            print(f"[cosa-jax] building the Llama-3.1 tokenizer from quicktok into {out} (once)",
-                  file=sys.stderr)
-            materialize(out)
-    return out
+    return materialised(cache_root() / "models" / NAME, _FORMAT_VERSION, materialize,
+                        "building the Llama-3.1 tokenizer from quicktok")
 
 
 if __name__ == "__main__":

@@ -10,4 +10,6 @@ checks); tests, the benchmarks and the demo start what they need themselves.
                        ``test`` extra: torch)
 - ``kill_points``      runs ``launch.train`` and SIGKILLs it at an exact point (checkpoint
                        save, old-step deletion, export)
+- ``synth_fixtures``   a shipped synthesis config pointed at a test server; the category error
+                       score written out independently
 """

@@ -34,6 +34,15 @@ def make_hf_model(out_dir: Path, seed: int = 0, **overrides) -> LlamaForCausalLM
     return model
 
 
+def make_loaded_model(out_dir: Path, **overrides):
+    """``make_hf_model`` and the same checkpoint as cosa_jax loads it: (hf model, params, cfg)."""
+    from cosa_jax.models import load_hf
+
+    hf = make_hf_model(out_dir, **overrides)
+    model, cfg = load_hf(out_dir)
+    return hf, model.params(), cfg
+
+
 def right_padded_batch(vocab: int, lengths, seed: int = 0, pad_id: int = 0):
     rng = np.random.default_rng(seed)
     t = max(lengths)

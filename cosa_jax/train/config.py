@@ -10,10 +10,11 @@ from __future__ import annotations
 import ml_collections
 
 from cosa_jax.models.config import REMAT_POLICIES
-from cosa_jax.train.losses import LOSS_TYPES  # paper's, from other papers, ours: docs/objectives.md
+from cosa_jax.train.data import truncation_error
+# The losses (paper's, from other papers, ours): docs/objectives.md
+from cosa_jax.train.losses import label_smoothing_error, loss_type_error
 
 MODES = ("sft", "dpo")
-TRUNCATIONS = ("reference", "none", "error")
 GRAD_DTYPES = ("float32", "bfloat16")
 
 
@@ -124,8 +125,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         bad("data.train", "no training data given (a jsonl/parquet file, a dataset dir or hub id)")
     if not c.model.path:
         bad("model.path", "no model given")
-    if c.data.truncation not in TRUNCATIONS:
-        bad("data.truncation", f"{c.data.truncation!r} is not one of {TRUNCATIONS}")
+    if why := truncation_error(c.data.truncation):
+        bad("data.truncation", why)
     for key in ("train.batch_size", "train.grad_accum", "data.max_length", "data.max_prompt_length",
                 "train.logps_chunk", "checkpoint.keep", "train.log_every"):
         section, name = key.split(".")
@@ -144,8 +145,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         bad("data.max_prompt_length", "is larger than data.max_length")
     if c.dpo.beta <= 0:
         bad("dpo.beta", f"must be > 0, got {c.dpo.beta}")
-    if c.dpo.loss_type not in LOSS_TYPES:
-        bad("dpo.loss_type", f"{c.dpo.loss_type!r} is not one of {LOSS_TYPES}")
+    if why := loss_type_error(c.dpo.loss_type):
+        bad("dpo.loss_type", why)
     if c.dpo.simpo_beta <= 0:
         bad("dpo.simpo_beta", f"must be > 0, got {c.dpo.simpo_beta}")
     for key in ("dpo.simpo_gamma", "dpo.orpo_lambda", "dpo.margin_scale"):
@@ -163,8 +164,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         bad("train.device_memory_gb", "must be >= 0 (0 = ask the device)")
     if not 0 < c.train.memory_headroom <= 1:
         bad("train.memory_headroom", f"must be in (0, 1], got {c.train.memory_headroom}")
-    if not 0 <= c.dpo.label_smoothing < 0.5:
-        bad("dpo.label_smoothing", "must be in [0, 0.5)")
+    if why := label_smoothing_error(c.dpo.label_smoothing):
+        bad("dpo.label_smoothing", why)
     if len(tuple(c.mesh.shape)) != 3:
         bad("mesh.shape", f"must be (data, fsdp, tensor), got {tuple(c.mesh.shape)}")
     if list(c.mesh.shape).count(-1) > 1:

@@ -60,6 +60,11 @@ OPTIONAL_FIELDS = {
 TRUNCATION_MODES = ("reference", "none", "error")
 
 
+def truncation_error(truncation: str) -> str | None:
+    """Why ``truncation`` is no mode of ``truncate``, or None (the train config asks here too)."""
+    return None if truncation in TRUNCATION_MODES else f"{truncation!r} is not one of {TRUNCATION_MODES}"
+
+
 class DataError(ValueError):
     """A preference file or row that does not fit the schema; the message names where."""
 
@@ -190,8 +195,8 @@ def truncate(
     the first max_prompt_length prompt tokens. (With the default target length this is the same
     result as cutting the prompt first.) Returns (prompt, responses, prompt_was_cut).
     """
-    if truncation not in TRUNCATION_MODES:
-        raise ValueError(f"unknown truncation {truncation!r}; expected one of {TRUNCATION_MODES}")
+    if why := truncation_error(truncation):
+        raise ValueError(f"truncation {why}")
     if max_target_length is None:
         max_target_length = max_length - max_prompt_length
     if max_target_length <= 0 or max_prompt_length <= 0:

@@ -22,6 +22,17 @@ LOSS_TYPES = ("sigmoid", "ipo", "hinge", "score_margin", "simpo", "orpo")
 REFERENCE_FREE = ("simpo", "orpo")
 
 
+def loss_type_error(loss_type: str) -> str | None:
+    """Why ``loss_type`` names no loss here, or None; the train config and the step's LossConfig
+    both ask here, each naming ``dpo.loss_type`` in its own error."""
+    return None if loss_type in LOSS_TYPES else f"{loss_type!r} is not one of {LOSS_TYPES}"
+
+
+def label_smoothing_error(label_smoothing: float) -> str | None:
+    """Why ``label_smoothing`` is out of cDPO's range [0, 0.5), or None (the config and dpo_loss ask)."""
+    return None if 0.0 <= label_smoothing < 0.5 else f"must be in [0, 0.5), got {label_smoothing}"
+
+
 def count_target_tokens(labels_bt: jax.Array) -> jax.Array:
     """Number of tokens that carry loss (after the shift), as int32."""
     return (labels_bt[:, 1:] != IGNORE_INDEX).sum().astype(jnp.int32)
@@ -41,6 +52,16 @@ def split_pairs(x_2b: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Split a concatenated [2B, ...] batch (chosen rows first, then rejected) into two halves."""
     half = x_2b.shape[0] // 2
     return x_2b[:half], x_2b[half:]
+
+
+def _margin_and_rewards(pi_c, pi_r, ref_c, ref_r, beta: float):
+    """The DPO family's fp32 h = (pi_c - pi_r) - (ref_c - ref_r) [B] and the gradient-free
+    rewards beta * (policy - reference) log-prob [B], as TRL reports them."""
+    f32 = jnp.float32
+    pi_c, pi_r, ref_c, ref_r = (x.astype(f32) for x in (pi_c, pi_r, ref_c, ref_r))
+    h_b = (pi_c - pi_r) - (ref_c - ref_r)
+    return (h_b, jax.lax.stop_gradient(beta * (pi_c - ref_c)),
+            jax.lax.stop_gradient(beta * (pi_r - ref_r)))
 
 
 def dpo_loss(
@@ -64,12 +85,10 @@ def dpo_loss(
     if loss_type not in ("sigmoid", "ipo", "hinge"):
         raise ValueError(f"unknown DPO loss_type {loss_type!r}; expected sigmoid, ipo or hinge "
                          f"(the others in {LOSS_TYPES} have their own functions)")
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    f32 = jnp.float32
-    pi_c, pi_r = policy_chosen_logps.astype(f32), policy_rejected_logps.astype(f32)
-    ref_c, ref_r = ref_chosen_logps.astype(f32), ref_rejected_logps.astype(f32)
-    h_b = (pi_c - pi_r) - (ref_c - ref_r)
+    if why := label_smoothing_error(label_smoothing):
+        raise ValueError(f"label_smoothing {why}")
+    h_b, chosen_rewards_b, rejected_rewards_b = _margin_and_rewards(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
     if loss_type == "sigmoid":
         losses_b = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(beta * h_b) - (
             label_smoothing * jax.nn.log_sigmoid(-beta * h_b)
@@ -78,8 +97,6 @@ def dpo_loss(
         losses_b = (h_b - 1.0 / (2.0 * beta)) ** 2
     else:  # hinge
         losses_b = jax.nn.relu(1.0 - beta * h_b)
-    chosen_rewards_b = jax.lax.stop_gradient(beta * (pi_c - ref_c))
-    rejected_rewards_b = jax.lax.stop_gradient(beta * (pi_r - ref_r))
     return losses_b, chosen_rewards_b, rejected_rewards_b
 
 
@@ -132,13 +149,9 @@ def score_margin_dpo_loss(
     error scores: a rejected response that breaks the config badly must lose by more than one
     that is nearly as good. margin_scale = 0 is sigmoid DPO.
     """
-    f32 = jnp.float32
-    pi_c, pi_r = policy_chosen_logps.astype(f32), policy_rejected_logps.astype(f32)
-    ref_c, ref_r = ref_chosen_logps.astype(f32), ref_rejected_logps.astype(f32)
-    h_b = (pi_c - pi_r) - (ref_c - ref_r)
-    losses_b = -jax.nn.log_sigmoid(beta * h_b - margin_scale * score_gap_b.astype(f32))
-    rew_c = jax.lax.stop_gradient(beta * (pi_c - ref_c))
-    rew_r = jax.lax.stop_gradient(beta * (pi_r - ref_r))
+    h_b, rew_c, rew_r = _margin_and_rewards(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
+    losses_b = -jax.nn.log_sigmoid(beta * h_b - margin_scale * score_gap_b.astype(jnp.float32))
     return losses_b, rew_c, rew_r
 
 

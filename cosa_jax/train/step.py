@@ -49,8 +49,8 @@ class LossConfig:
     def __post_init__(self):
         if self.mode not in ("dpo", "sft"):
             raise ValueError(f"train.mode must be 'dpo' or 'sft', got {self.mode!r}")
-        if self.loss_type not in losses.LOSS_TYPES:
-            raise ValueError(f"dpo.loss_type must be one of {losses.LOSS_TYPES}, got {self.loss_type!r}")
+        if why := losses.loss_type_error(self.loss_type):
+            raise ValueError(f"dpo.loss_type: {why}")
         if self.grad_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"train.grad_dtype must be float32 or bfloat16, got {self.grad_dtype!r}")
 

@@ -13,6 +13,7 @@ depends on them (the scripted server recognises a judge by matching its ``messag
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import functools
 import json
@@ -783,33 +784,27 @@ def finish_verdicts(used: Sequence[Judge], texts: Sequence[str | None], replies:
     return out
 
 
-@dataclasses.dataclass
 class VerdictTally:
     """Running verdict counts, for results that arrive in chunks (``verdict_counts`` of them all)."""
 
-    n: int = 0
-    valid: int = 0
-    lenient: int = 0
-    calibrated: int = 0
-    failed: int = 0
-    modes: dict[str, int] = dataclasses.field(default_factory=dict)
+    def __init__(self) -> None:
+        self.tally: collections.Counter[str] = collections.Counter()
+        self.modes: collections.Counter[str] = collections.Counter()
 
     def add(self, results: Sequence[JudgeResult | None]) -> "VerdictTally":
         for r in results:
-            self.n += 1
-            if r is None:
-                self.failed += 1
-                continue
-            self.valid += r.valid
-            self.lenient += r.valid and r.lenient
-            self.calibrated += r.valid and r.calibrated
-            self.modes[r.mode or "off"] = self.modes.get(r.mode or "off", 0) + 1
+            self.tally.update(n=1, failed=r is None)
+            if r is not None:
+                self.tally.update(valid=r.valid, lenient=r.valid and r.lenient,
+                                  calibrated=r.valid and r.calibrated)
+                self.modes[r.mode or "off"] += 1
         return self
 
     def counts(self) -> dict[str, Any]:
-        return {"n": self.n, "valid": self.valid, "lenient": self.lenient, "calibrated": self.calibrated,
-                "invalid": self.n - self.failed - self.valid, "failed": self.failed,
-                "valid_rate": self.valid / self.n if self.n else None, "modes": dict(self.modes)}
+        t = self.tally
+        return {"n": t["n"], "valid": t["valid"], "lenient": t["lenient"], "calibrated": t["calibrated"],
+                "invalid": t["n"] - t["failed"] - t["valid"], "failed": t["failed"],
+                "valid_rate": t["valid"] / t["n"] if t["n"] else None, "modes": dict(self.modes)}
 
 
 def verdict_counts(results: Sequence[JudgeResult | None]) -> dict[str, Any]:

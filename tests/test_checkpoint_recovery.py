@@ -328,7 +328,7 @@ def test_resume_from_scratch_empties_the_log(tmp_path):
 
 # ------------------------------------------------------------------ atomic outputs
 def test_atomic_directory_replaces_whole_or_not_at_all(tmp_path):
-    from cosa_jax.train.atomic_files import atomic_directory
+    from cosa_jax.atomic_files import atomic_directory
     hf = tmp_path / "hf"
     hf.mkdir()
     (hf / "old.bin").write_text("old")

@@ -32,6 +32,7 @@ import datasets
 from cosa_jax import judges
 from cosa_jax import safety_configs as sc
 from cosa_jax.endpoint.client import ChatClient, ChatRequest, EndpointConfig, UsageStats, run_requests
+from cosa_jax.atomic_files import fsync_path
 from cosa_jax.endpoint.journal import Journal
 from cosa_jax.synth import config as synth_config
 from cosa_jax.synth import inputs
@@ -125,20 +126,12 @@ def _rename(src: Path, dst: Path) -> None:
     os.replace(src, dst)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: Path) -> None:
     for dirpath, _, files in os.walk(root):
         for name in files:
             with open(os.path.join(dirpath, name), "rb+") as f:
                 os.fsync(f.fileno())
-        _fsync_dir(Path(dirpath))
+        fsync_path(Path(dirpath))
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -150,7 +143,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     _rename(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def _replace_dir(tmp: Path, path: Path) -> None:
@@ -158,7 +151,7 @@ def _replace_dir(tmp: Path, path: Path) -> None:
     if path.exists():  # a kill here leaves no output at all: the stage reruns (no marker)
         shutil.rmtree(path)
     _rename(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def _write_atomic(obj: datasets.Dataset | datasets.DatasetDict, path: Path) -> None:
@@ -358,16 +351,21 @@ def _n_failed(results: Sequence[Any]) -> int:
     return sum(r is None for r in results)
 
 
+_KINDS = {"str": datasets.Value("string"), "strs": datasets.Sequence(datasets.Value("string")),
+          "bool": datasets.Value("bool"), "float": datasets.Value("float64"),
+          "floats": datasets.Sequence(datasets.Value("float64"))}
+
+
+def _features(columns: Mapping[str, Any]) -> datasets.Features:
+    """A stage's schema: column -> kind (str, strs, bool, float, floats) or a datasets feature."""
+    return datasets.Features({k: _KINDS[v] if isinstance(v, str) else v for k, v in columns.items()})
+
+
 # ----- stage 1: load prompts ----------------------------------------------------------------
 
-PROMPT_FEATURES = datasets.Features(
-    {
-        "prompt_id": datasets.Value("string"),
-        "prompt": datasets.Value("string"),
-        "source": datasets.Value("string"),
-        "gold_categories": datasets.Sequence(datasets.Value("string")),
-    }
-)
+PROMPT_FEATURES = _features({
+    "prompt_id": "str", "prompt": "str", "source": "str", "gold_categories": "strs"
+})
 
 
 def load_prompts(cfg: Any) -> dict[str, Any]:
@@ -403,13 +401,9 @@ def load_prompts(cfg: Any) -> dict[str, Any]:
 
 # ----- stage 2: label prompts ---------------------------------------------------------------
 
-LABELLED_PROMPT_FEATURES = datasets.Features(
-    {
-        **PROMPT_FEATURES,
-        "categories": datasets.Sequence(datasets.Value("string")),
-        "label_raw": datasets.Value("string"),
-    }
-)
+LABELLED_PROMPT_FEATURES = _features({
+    **PROMPT_FEATURES, "categories": "strs", "label_raw": "str"
+})
 
 
 def label_prompts(cfg: Any) -> dict[str, Any]:
@@ -487,20 +481,11 @@ def label_prompts(cfg: Any) -> dict[str, Any]:
 
 # ----- stage 3: generate responses ----------------------------------------------------------
 
-RESPONSE_FEATURES = datasets.Features(
-    {
-        "prompt_id": datasets.Value("string"),
-        "prompt": datasets.Value("string"),
-        "prompt_categories": datasets.Sequence(datasets.Value("string")),
-        "response_id": datasets.Value("string"),
-        "generator": datasets.Value("string"),
-        "gen_mode": datasets.Value("string"),
-        "gen_allowed": datasets.Sequence(datasets.Value("string")),
-        "system_prompt": datasets.Value("string"),
-        "response": datasets.Value("string"),
-        "finish_reason": datasets.Value("string"),
-    }
-)
+RESPONSE_FEATURES = _features({
+    "prompt_id": "str", "prompt": "str", "prompt_categories": "strs", "response_id": "str",
+    "generator": "str", "gen_mode": "str", "gen_allowed": "strs", "system_prompt": "str",
+    "response": "str", "finish_reason": "str"
+})
 
 
 def _in_train(cats: Sequence[str], train: Sequence[Category]) -> bool:
@@ -619,17 +604,10 @@ def _role_used(cfg: Any, generator: str) -> bool:
 
 # ----- stage 4: label responses ---------------------------------------------------------------
 
-LABELLED_RESPONSE_FEATURES = datasets.Features(
-    {
-        **RESPONSE_FEATURES,
-        "addressed": datasets.Value("bool"),
-        "addressed_valid": datasets.Value("bool"),
-        "addressed_raw": datasets.Value("string"),
-        "risk_set": datasets.Sequence(datasets.Value("string")),
-        "risk_valid": datasets.Value("bool"),
-        "risk_raw": datasets.Value("string"),
-    }
-)
+LABELLED_RESPONSE_FEATURES = _features({
+    **RESPONSE_FEATURES, "addressed": "bool", "addressed_valid": "bool", "addressed_raw": "str",
+    "risk_set": "strs", "risk_valid": "bool", "risk_raw": "str"
+})
 
 
 def label_responses(cfg: Any) -> dict[str, Any]:
@@ -703,18 +681,10 @@ def label_responses(cfg: Any) -> dict[str, Any]:
 
 # ----- stage 5: score ---------------------------------------------------------------------------
 
-SCORED_FEATURES = datasets.Features(
-    {
-        "prompt_id": datasets.Value("string"),
-        "prompt": datasets.Value("string"),
-        "prompt_categories": datasets.Sequence(datasets.Value("string")),
-        "mode": datasets.Value("string"),
-        "allowed": datasets.Sequence(datasets.Value("string")),
-        "system_prompt": datasets.Value("string"),
-        "response_ids": datasets.Sequence(datasets.Value("string")),
-        "errors": datasets.Sequence(datasets.Value("float64")),
-    }
-)
+SCORED_FEATURES = _features({
+    "prompt_id": "str", "prompt": "str", "prompt_categories": "strs", "mode": "str",
+    "allowed": "strs", "system_prompt": "str", "response_ids": "strs", "errors": "floats"
+})
 
 
 def weights(cfg: Any) -> ScoreWeights:
@@ -801,21 +771,11 @@ def score(cfg: Any) -> dict[str, Any]:
 
 # ----- stage 6: pair ----------------------------------------------------------------------------
 
-PAIR_FEATURES = datasets.Features(
-    {
-        "system_prompt": datasets.Value("string"),
-        "prompt": datasets.Value("string"),
-        "chosen_response": datasets.Value("string"),
-        "rejected_response": datasets.Value("string"),
-        "spec_i": datasets.Value("string"),
-        "spec_j": datasets.Value("string"),
-        "mode": datasets.Value("string"),
-        "chosen_cat": datasets.Value("string"),
-        "rejected_cat": datasets.Value("string"),
-        "chosen_category_error_score": datasets.Value("float64"),
-        "rejected_category_error_score": datasets.Value("float64"),
-    }
-)
+PAIR_FEATURES = _features({
+    "system_prompt": "str", "prompt": "str", "chosen_response": "str", "rejected_response": "str",
+    "spec_i": "str", "spec_j": "str", "mode": "str", "chosen_cat": "str", "rejected_cat": "str",
+    "chosen_category_error_score": "float", "rejected_category_error_score": "float"
+})
 
 
 def is_dev_prompt(prompt_id: str, dev_fraction: float, seed: int) -> bool:

@@ -16,7 +16,7 @@ import math
 import os
 from pathlib import Path
 
-from cosa_jax.train.atomic_files import atomic_path, fsync_path
+from cosa_jax.atomic_files import atomic_path, fsync_path
 
 
 def record_kind(record: dict) -> str:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from cosa_jax import distributed
 from cosa_jax import sharding as shd
 from cosa_jax.models import load_hf, load_tokenizer, save_hf
-from cosa_jax.train import atomic_files
+from cosa_jax import atomic_files
 from cosa_jax.train import checkpoints as ckpt
 from cosa_jax.train import config as tc
 from cosa_jax.train import data as td

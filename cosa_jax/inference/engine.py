@@ -12,8 +12,12 @@ Per request: temperature / top_p / top_k / seed / stop / max_tokens (``sampler.S
 log-probs of the chosen token and up to 20 alternatives, prompt-token log-probs (``echo``), and
 an output constraint: any object with ``next_mask()`` (None, a [V] bool array or xgrammar's
 packed int32 bitmask [ceil(V/32)]), ``accept(token)`` and ``is_terminated()``; its mask is
-applied inside the jitted step. Sampling keys are ``fold_in(key(seed), token_index)`` per
-request, as in ``sampler.generate``, so a request's sample does not depend on its slot mates.
+applied inside the jitted step. Where the constraint also offers ``forced_tokens`` (a grammar
+that leaves no choice for a while: JSON keys, the rest of a choice), that run is written in one
+chunk as a continuation of the row, like a prompt chunk, and its last position samples the
+next free token: jump-forward decoding, a few steps per judge verdict instead of one per token.
+Sampling keys are ``fold_in(key(seed), token_index)`` per request, as in ``sampler.generate``,
+so a request's sample does not depend on its slot mates.
 
 The loop runs in one background thread (``start()``/``close()``); ``submit`` is thread-safe and
 returns a ``RequestHandle`` whose outputs arrive per step (a callback, or a blocking iterator).
@@ -105,7 +109,7 @@ class EngineStats:
     slot_steps: int = 0          # sum over decode steps of the slots decoding
     prefill_chunks: int = 0      # prompt and forced-run chunks
     forced_tokens: int = 0       # output tokens the grammar forced (jump-forward: no decode step)
-    forced_chunks: int = 0       # chunks that carried a forced run
+    forced_chunks: int = 0       # rows' forced-run chunks (a call of P rows counts P)
     cancelled: int = 0
     failed: int = 0
     busy_s: float = 0.0

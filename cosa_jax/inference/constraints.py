@@ -20,6 +20,8 @@ The API a decode loop uses, per request (slot) and per step::
                                                 # several constrained rows fill in parallel
         ... device: sampler.apply_bitmask(logits, bitmask) (-inf where not allowed), pick ...
         state.accept(token)                     # raises ConstraintError if the token breaks it
+        state.forced_tokens()                   # optional: the run the grammar forces next,
+                                                # accepted (jump-forward: no step per token)
         state.is_terminated                     # accepted an end-of-sequence token: row is done
         state.can_end                           # the text so far is a complete match
 
@@ -168,6 +170,16 @@ class ConstraintState:
                                   f"constraint: {self._m.get_error()}")
         self.tokens_accepted += 1
         self._ended = int(token) in self._eos
+
+    def forced_tokens(self, limit: int | None = None) -> list[int]:
+        """The tokens the grammar allows no alternative to from here (at most ``limit``),
+        accepted, so the next mask is the one after them (jump-forward decoding). They are
+        llguidance's tokenisation of the forced bytes; it holds back bytes a longer token
+        could still merge with what comes next."""
+        forced = [int(t) for t in self._m.compute_ff_tokens()][:limit]
+        for t in forced:
+            self.accept(t)
+        return forced
 
     @property
     def can_end(self) -> bool:

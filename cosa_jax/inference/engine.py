@@ -12,8 +12,12 @@ Per request: temperature / top_p / top_k / seed / stop / max_tokens (``sampler.S
 log-probs of the chosen token and up to 20 alternatives, prompt-token log-probs (``echo``), and
 an output constraint: any object with ``next_mask()`` (None, a [V] bool array or xgrammar's
 packed int32 bitmask [ceil(V/32)]), ``accept(token)`` and ``is_terminated()``; its mask is
-applied inside the jitted step. Sampling keys are ``fold_in(key(seed), token_index)`` per
-request, as in ``sampler.generate``, so a request's sample does not depend on its slot mates.
+applied inside the jitted step. Where the constraint also offers ``forced_tokens`` (a grammar
+that leaves no choice for a while: JSON keys, the rest of a choice), that run is written in one
+chunk as a continuation of the row, like a prompt chunk, and its last position samples the
+next free token: jump-forward decoding, a few steps per judge verdict instead of one per token.
+Sampling keys are ``fold_in(key(seed), token_index)`` per request, as in ``sampler.generate``,
+so a request's sample does not depend on its slot mates.
 
 The loop runs in one background thread (``start()``/``close()``); ``submit`` is thread-safe and
 returns a ``RequestHandle`` whose outputs arrive per step (a callback, or a blocking iterator).
@@ -46,7 +50,12 @@ MAX_TOP_LOGPROBS = 20
 
 # ---------------------------------------------------------------------------- public types
 class OutputConstraint(Protocol):
-    """What a grammar matcher must offer to constrain one request's tokens."""
+    """What a grammar matcher must offer to constrain one request's tokens.
+
+    Optionally also ``forced_tokens(limit) -> list[int]``: the tokens the grammar allows no
+    alternative to from here (at most ``limit``), already advanced past. The engine then writes
+    them in one chunk instead of one decode step each (jump-forward decoding).
+    """
 
     def next_mask(self):
         """Allowed next tokens: None (all), a [V] bool array, or a packed int32 [ceil(V/32)]."""
@@ -98,7 +107,9 @@ class EngineStats:
     batch_sizes: dict[int, int] = dataclasses.field(default_factory=dict)
     decode_steps: int = 0
     slot_steps: int = 0          # sum over decode steps of the slots decoding
-    prefill_chunks: int = 0
+    prefill_chunks: int = 0      # prompt and forced-run chunks
+    forced_tokens: int = 0       # output tokens the grammar forced (jump-forward: no decode step)
+    forced_chunks: int = 0       # rows' forced-run chunks (a call of P rows counts P)
     cancelled: int = 0
     failed: int = 0
     busy_s: float = 0.0
@@ -186,13 +197,16 @@ def decode_step(params: Params, cache: KVCache, tokens_s, active_s, temperature_
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("prompt_top_n",),
                    donate_argnames=("cache",))
-def prefill_chunk(params: Params, cache: KVCache, slots_p, ids_pc, mask_pc, reset_p, targets_pc,
-                  temperature_p, top_p_p, top_k_p, seed_p, allowed_pw=None, *, cfg: LlamaConfig,
-                  top_n: int, any_sampling: bool, prompt_top_n: int | None):
-    """Write one chunk of P prompts into their slots' cache rows; sample from each last token.
+def prefill_chunk(params: Params, cache: KVCache, slots_p, ids_pc, mask_pc, reset_p, lp_pos_pk,
+                  targets_pk, temperature_p, top_p_p, top_k_p, seed_p, counter_p, allowed_pw=None,
+                  *, cfg: LlamaConfig, top_n: int, any_sampling: bool, prompt_top_n: int | None):
+    """Write one chunk of P rows at their slots' cache ends; sample from each row's last token.
 
-    ``reset_p`` clears a row first (a request's first chunk). With ``prompt_top_n`` not None,
-    also the log-prob of ``targets_pc`` (each position's next prompt token) and the top-n.
+    A chunk is part of a prompt or a grammar-forced run of output tokens (jump-forward).
+    ``reset_p`` clears a row first (a request's first chunk); ``counter_p`` is the index of the
+    token sampled (its sampling key). With ``prompt_top_n`` not None, also the log-prob of
+    ``targets_pk`` (the next token after chunk position ``lp_pos_pk``) and the top-n there: only
+    the K positions asked for are unembedded, not the whole [P, C, vocab].
     """
     valid = jnp.where(reset_p[:, None], False, cache.valid_bs[slots_p])
     rows = KVCache(cache.k_lbskh[:, slots_p], cache.v_lbskh[:, slots_p], valid,
@@ -201,14 +215,14 @@ def prefill_chunk(params: Params, cache: KVCache, slots_p, ids_pc, mask_pc, rese
     p = ids_pc.shape[0]
     last_p = jnp.maximum(mask_pc.sum(axis=1) - 1, 0)
     logits_pv = unembed(params, cfg, hidden_pcd[jnp.arange(p), last_p][:, None])[:, 0]
-    out = choose_tokens(logits_pv, temperature_p, top_p_p, top_k_p, seed_p,
-                        jnp.zeros((p,), jnp.int32), allowed_pw, top_n=top_n,
-                        any_sampling=any_sampling)
+    out = choose_tokens(logits_pv, temperature_p, top_p_p, top_k_p, seed_p, counter_p,
+                        allowed_pw, top_n=top_n, any_sampling=any_sampling)
     prompt = None
     if prompt_top_n is not None:
-        logp_pcv = jax.nn.log_softmax(unembed(params, cfg, hidden_pcd), axis=-1)
-        target_lp = jnp.take_along_axis(logp_pcv, targets_pc[..., None], axis=-1)[..., 0]
-        top_lp, top_id = jax.lax.top_k(logp_pcv, max(prompt_top_n, 1))
+        hidden_pkd = jnp.take_along_axis(hidden_pcd, lp_pos_pk[..., None], axis=1)
+        logp_pkv = jax.nn.log_softmax(unembed(params, cfg, hidden_pkd), axis=-1)
+        target_lp = jnp.take_along_axis(logp_pkv, targets_pk[..., None], axis=-1)[..., 0]
+        top_lp, top_id = jax.lax.top_k(logp_pkv, max(prompt_top_n, 1))
         prompt = (target_lp, top_id.astype(jnp.int32), top_lp)
     cache = KVCache(cache.k_lbskh.at[:, slots_p].set(rows.k_lbskh),
                     cache.v_lbskh.at[:, slots_p].set(rows.v_lbskh),
@@ -358,19 +372,31 @@ class RequestHandle:
 
 @dataclasses.dataclass
 class _Slot:
+    """One request in its cache row. Its sequence is prompt + tokens + forced; ``chunks`` cover
+    sequence positions [chunks[0][0], span_end) still to be written (a prompt, or a forced run
+    led by the last sampled token), after which the row samples its next token (if
+    ``sample_after``) and the forced tokens are handed out."""
     handle: RequestHandle
     detok: IncrementalText | None
-    chunks: list[tuple[int, int]]          # (start, bucket size) still to prefill
+    chunks: list[tuple[int, int]]          # (sequence start, bucket size) still to write
     need: int                              # cache positions this request may use
+    span_end: int = 0                      # end (sequence index) of what ``chunks`` write
     tokens: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] = dataclasses.field(default_factory=list)
     text_parts: list[str] = dataclasses.field(default_factory=list)
     last_token: int = 0
+    forced: list[int] = dataclasses.field(default_factory=list)   # taken, not yet handed out
+    forced_lp: list[TokenLogprob | None] = dataclasses.field(default_factory=list)
+    sample_after: bool = True              # the request goes on after ``forced``
+    fresh: bool = True                     # the grammar's opening run is not yet taken
 
     @property
     def decoding(self) -> bool:
         return not self.chunks
+
+    def seq(self, start: int, stop: int) -> list[int]:
+        return (self.handle.prompt_ids + self.tokens + self.forced)[start:stop]
 
 
 def _pow2_at_least(n: int) -> int:
@@ -387,12 +413,21 @@ class Engine:
     requests delay running ones by a bounded amount; max_cache_len: the longest prompt +
     max_tokens a slot holds; join_wait_s: while nothing decodes, how long the oldest waiting
     request waits for company so that its prefill is shared.
+
+    jump_forward: where a request's constraint offers ``forced_tokens`` (a grammar leaves no
+    choice: JSON keys, the rest of a choice), write that run in one chunk with the last sampled
+    token, as a prompt continuation, instead of one decode step per token (vLLM and SGLang's
+    jump-forward decoding); forced_chunk_sizes: the chunk lengths such runs are padded to
+    (longer runs are cut into chunks of the largest; small buckets waste little padding).
+    The output is the one the grammar forces either way; its tokenisation is the grammar's
+    canonical one, where stepping lets the model spell forced text its own way.
     """
 
     def __init__(self, params: Params, cfg: LlamaConfig, *, eos_ids: Sequence[int],
                  tokenizer=None, slots: int = 16, chunk_sizes: Sequence[int] = (16, 64, 256),
                  prefill_budget: int = 512, max_cache_len: int | None = None,
-                 min_cache_len: int = 128, join_wait_s: float = 0.0):
+                 min_cache_len: int = 128, join_wait_s: float = 0.0, jump_forward: bool = True,
+                 forced_chunk_sizes: Sequence[int] = (8, 16, 32, 64)):
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
         if not eos_ids:
@@ -406,6 +441,8 @@ class Engine:
                                  cfg.max_position_embeddings)
         self.min_cache_len = min(min_cache_len, self.max_cache_len)
         self.join_wait_s = join_wait_s
+        self.jump_forward = jump_forward
+        self.forced_chunk_sizes = tuple(sorted(int(c) for c in forced_chunk_sizes))
         self.vocab = cfg.vocab_size
         self.words = -(-self.vocab // 32)
         self.stats = EngineStats()
@@ -467,13 +504,17 @@ class Engine:
     def fits(self, prompt_len: int, max_new_tokens: int) -> bool:
         return self.cache_need(prompt_len, max_new_tokens) <= self.max_cache_len
 
-    def _chunk_plan(self, prompt_len: int) -> list[tuple[int, int]]:
-        big, plan, start = self.chunk_sizes[-1], [], 0
+    def _chunk_plan(self, prompt_len: int, start: int = 0,
+                    sizes: Sequence[int] | None = None) -> list[tuple[int, int]]:
+        """Chunks covering sequence positions [start, prompt_len): the largest size while more
+        remains, the tail padded to the smallest size that holds it."""
+        sizes = sizes or self.chunk_sizes
+        big, plan = sizes[-1], []
         while prompt_len - start > big:
             plan.append((start, big))
             start += big
         rest = prompt_len - start
-        plan.append((start, next(c for c in self.chunk_sizes if c >= rest)))
+        plan.append((start, next(c for c in sizes if c >= rest)))
         return plan
 
     def submit(self, prompt_ids: Sequence[int], sampling, *, logprobs: int | None = None,
@@ -579,7 +620,8 @@ class Engine:
             if self.tokenizer is not None:
                 detok = IncrementalText(self.tokenizer, h.sampling.stop, self.eos_ids)
             self._slots[i] = _Slot(h, detok, self._chunk_plan(len(h.prompt_ids)),
-                                   self.cache_need(len(h.prompt_ids), h.sampling.max_new_tokens))
+                                   self.cache_need(len(h.prompt_ids), h.sampling.max_new_tokens),
+                                   span_end=len(h.prompt_ids))
             s = h.sampling
             self._temp[i], self._top_p[i] = s.temperature, s.top_p
             self._top_k[i] = min(s.top_k, self.vocab)
@@ -617,6 +659,10 @@ class Engine:
                     "request %d %s: slot %d freed after %d tokens", s.handle.id,
                     s.handle.cancel_reason, i, len(s.tokens))
                 self._finish(i, "cancelled")
+        for i, s in enumerate(self._slots):
+            if s is not None and s.fresh:
+                s.fresh = False
+                self._jump(i)
         if self.active == 0:
             return
         self._ensure_cache()
@@ -629,14 +675,18 @@ class Engine:
             self._decode(decoding)
 
     # ------------------------------------------------------------------ prefill
+    def _echo_chunk(self, s: _Slot) -> bool:
+        """The slot's next chunk holds prompt positions whose log-probs were asked for (echo)."""
+        return s.handle.prompt_logprobs is not None and s.chunks[0][0] < len(s.handle.prompt_ids)
+
     def _prefill(self, prefilling: list[int]) -> None:
-        """Chunks for the slots still reading their prompt: rows with the same chunk size go
-        together (echo rows alone: their [rows, chunk, vocab] log-probs are large); the first
-        group always runs, later ones while the step's token budget lasts."""
+        """Chunks for the slots still writing a prompt or a forced run: rows with the same chunk
+        size go together (echo rows alone: their [rows, chunk, vocab] log-probs are large); the
+        first group always runs, later ones while the step's token budget lasts."""
         groups: dict[tuple[int, bool], list[int]] = collections.defaultdict(list)
         for i in prefilling:
             s = self._slots[i]
-            groups[(s.chunks[0][1], s.handle.prompt_logprobs is not None)].append(i)
+            groups[(s.chunks[0][1], self._echo_chunk(s))].append(i)
         budget = self.prefill_budget
         ran = False
         for (size, echo) in sorted(groups):
@@ -657,50 +707,75 @@ class Engine:
         p = len(group) + len(pads)
         ids = np.zeros((p, size), np.int32)
         mask = np.zeros((p, size), bool)
-        targets = np.zeros((p, size), np.int32)
         reset = np.zeros(p, bool)
+        counter = np.zeros(p, np.int32)
         slots_p = np.asarray(group + pads, np.int32)
-        allowed = None
-        want_prompt_lp = None
-        final = []
+        echo = [self._echo_chunk(self._slots[i]) for i in group]
+        # Log-probs at K chunk positions: every position for echo, else those predicting a
+        # forced token (a forced run or a prompt's forced tail holds at most the largest
+        # forced chunk's worth per chunk).
+        k_lp = size if any(echo) else min(size, self.forced_chunk_sizes[-1])
+        lp_pos = np.zeros((p, k_lp), np.int32)
+        lp_targets = np.zeros((p, k_lp), np.int32)
+        lp_where: list[list[tuple[int, int]]] = []   # per row: (k, sequence index of target)
+        want_lp = None
+        sample = []
         for r, i in enumerate(group):
             s = self._slots[i]
+            h = s.handle
             start, _ = s.chunks[0]
-            prompt = s.handle.prompt_ids
-            part = prompt[start:start + size]
-            ids[r, :len(part)] = part
-            mask[r, :len(part)] = True
-            nxt = prompt[start + 1:start + size + 1]
-            targets[r, :len(nxt)] = nxt
+            stop = min(start + size, s.span_end)
+            seq = s.seq(start, stop + 1)          # the chunk and the token after it
+            n = stop - start
+            ids[r, :n] = seq[:n]
+            mask[r, :n] = True
             reset[r] = start == 0
-            final.append(len(s.chunks) == 1)
-            if s.handle.prompt_logprobs is not None:
-                want_prompt_lp = max(want_prompt_lp or 0, s.handle.prompt_logprobs)
+            counter[r] = len(s.tokens) + len(s.forced)   # the sampled token's index
+            sample.append(len(s.chunks) == 1 and s.sample_after)
+            base = len(h.prompt_ids) + len(s.tokens)     # sequence index of forced[0]
+            forced_lp = h.logprobs is not None and bool(s.forced)
+            if echo[r]:
+                ts = list(range(n))
+            elif forced_lp:
+                ts = [t for t in range(n) if base <= start + t + 1 < base + len(s.forced)]
+            else:
+                ts = []
+            for want, on in ((h.prompt_logprobs, echo[r]), (h.logprobs, forced_lp)):
+                if on:
+                    want_lp = max(want_lp or 0, want)
+            lp_where.append([])
+            for k, t in enumerate(ts):
+                lp_pos[r, k] = t
+                lp_targets[r, k] = seq[t + 1] if t + 1 < len(seq) else 0
+                lp_where[r].append((k, start + t + 1))
         reset[len(group):] = True
         masks = []
-        for i, last in zip(group, final):
+        for i, smp in zip(group, sample):
             try:
-                masks.append(self._next_mask(self._slots[i]) if last else None)
+                masks.append(self._next_mask(self._slots[i]) if smp else None)
             except Exception as e:  # noqa: BLE001 - a broken constraint fails its request only
                 self._fail(i, e)
                 masks.append(None)
+        allowed = None
         if any(m is not None for m in masks):
             allowed = np.full((p, self.words), -1, np.int32)
             for r, m in enumerate(masks):
                 if m is not None:
                     allowed[r] = m
-        top_n = self._top_n([i for i, last in zip(group, final) if last])
+        top_n = self._top_n([i for i, smp in zip(group, sample) if smp])
         rows = slots_p.tolist()
-        temp = self._temp[rows] if any(final) else np.zeros(p, np.float32)
+        temp = np.zeros(p, np.float32)
+        temp[:len(group)] = np.where(sample, self._temp[group], 0)
         self._cache, out, prompt = prefill_chunk(
             self.params, self._cache, jnp.asarray(slots_p), jnp.asarray(ids), jnp.asarray(mask),
-            jnp.asarray(reset), jnp.asarray(targets), jnp.asarray(temp),
+            jnp.asarray(reset), jnp.asarray(lp_pos), jnp.asarray(lp_targets), jnp.asarray(temp),
             jnp.asarray(self._top_p[rows]), jnp.asarray(self._top_k[rows]),
-            jnp.asarray(self._seed[rows]), None if allowed is None else jnp.asarray(allowed),
+            jnp.asarray(self._seed[rows]), jnp.asarray(counter),
+            None if allowed is None else jnp.asarray(allowed),
             cfg=self.cfg, top_n=top_n, any_sampling=bool((temp > 0).any()),
-            prompt_top_n=want_prompt_lp)
+            prompt_top_n=want_lp)
         self.stats.prefill_chunks += 1
-        if all(self._slots[i].chunks[0][0] == 0 for i in group):
+        if all(self._slots[i] is not None and self._slots[i].chunks[0][0] == 0 for i in group):
             self.stats.batches += 1
             self.stats.batch_sizes[len(group)] = self.stats.batch_sizes.get(len(group), 0) + 1
             self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(group))
@@ -711,20 +786,95 @@ class Engine:
             s = self._slots[i]
             if s is None:   # failed meanwhile
                 continue
+            h = s.handle
             start, _ = s.chunks.pop(0)
-            if s.handle.prompt_logprobs is not None:
-                n_real = int(mask[r].sum())
-                if start == 0:
-                    s.prompt_logprobs.append(None)
-                k = s.handle.prompt_logprobs
-                prompt_ids = s.handle.prompt_ids
-                for t in range(n_real):
-                    if start + t + 1 < len(prompt_ids):
-                        s.prompt_logprobs.append(TokenLogprob(
-                            int(prompt_ids[start + t + 1]), float(p_lp[r, t]),
-                            tuple(zip(p_top_id[r, t, :k].tolist(), p_top_lp[r, t, :k].tolist()))))
-            if not s.chunks:
-                self._accept(i, int(tok[r]), float(lp[r]), top_id[r], top_lp[r])
+            if echo[r] and start == 0:
+                s.prompt_logprobs.append(None)
+            prompt_len, base = len(h.prompt_ids), len(h.prompt_ids) + len(s.tokens)
+            for k, j in lp_where[r]:
+                if j < prompt_len:
+                    entry = (h.prompt_ids[j], h.prompt_logprobs, s.prompt_logprobs.append)
+                elif base <= j < base + len(s.forced) and h.logprobs is not None:
+                    entry = (s.forced[j - base], h.logprobs,
+                             functools.partial(s.forced_lp.__setitem__, j - base))
+                else:
+                    continue
+                token, top, put = entry
+                put(TokenLogprob(int(token), float(p_lp[r, k]), tuple(zip(
+                    p_top_id[r, k, :top].tolist(), p_top_lp[r, k, :top].tolist()))))
+            if s.chunks:
+                continue
+            if s.forced and not self._emit_forced(i):
+                continue
+            if s.sample_after:
+                t = int(tok[r])
+                self._accept(i, t, self._token_lp(h, t, lp[r], top_id[r], top_lp[r]))
+            else:   # the forced run was to end the request; it did not (cannot happen)
+                self._finish(i, "length")
+
+    # ------------------------------------------------------------------ jump-forward
+    def _jump(self, i: int) -> None:
+        """Take the run of tokens the slot's grammar forces next and schedule it as a chunk
+        (led by the last sampled token, at the row's cache end; at the start of the output,
+        appended to the prompt), so those tokens cost no decode steps. The chunk's last
+        position samples the next free token, under the mask after the run."""
+        s = self._slots[i]
+        h = s.handle
+        take = getattr(h.constraint, "forced_tokens", None)
+        budget = h.sampling.max_new_tokens - len(s.tokens)
+        if not self.jump_forward or take is None or budget <= 0:
+            return
+        base = len(h.prompt_ids) + len(s.tokens)
+        if s.tokens:
+            start, sizes, limit = base - 1, self.forced_chunk_sizes, budget
+        else:
+            start, sizes = 0, self.chunk_sizes
+            limit = min(budget, self.forced_chunk_sizes[-1])
+
+        def plan_for(m: int, ending: bool):
+            # An ending run's last token is never written: nothing is sampled after it.
+            return self._chunk_plan(base + m - ending, start, sizes)
+
+        def plan_end(plan):
+            return plan[-1][0] + plan[-1][1]
+
+        while limit > 0 and plan_end(plan_for(limit, limit >= budget)) > self.max_cache_len:
+            limit -= 1            # near the longest cache a slot holds: a shorter run
+        if limit <= 0:
+            return
+        try:
+            forced = [int(t) for t in take(limit)][:limit]
+        except Exception as e:  # noqa: BLE001 - a broken constraint fails its request only
+            self._fail(i, e)
+            return
+        if not forced:
+            return
+        eos = next((j for j, t in enumerate(forced) if t in self.eos_ids), None)
+        if eos is not None:
+            forced = forced[:eos + 1]
+        ending = len(forced) >= budget or eos is not None
+        s.forced, s.forced_lp = forced, [None] * len(forced)
+        self.stats.forced_tokens += len(forced)
+        if s.tokens and ending and h.logprobs is None:   # nothing to compute: hand them out
+            self._emit_forced(i)
+            return
+        plan = plan_for(len(forced), ending)
+        s.chunks, s.span_end, s.sample_after = plan, base + len(forced) - ending, not ending
+        s.need = max(s.need, plan_end(plan))
+        if s.tokens:
+            self.stats.forced_chunks += len(plan)
+
+    def _emit_forced(self, i: int) -> bool:
+        """Hand out the slot's forced run as generated tokens, in order (a stop string, the
+        end-of-sequence id or max_tokens may end the request inside it); True if it goes on."""
+        s = self._slots[i]
+        forced, lps = s.forced, s.forced_lp
+        s.forced, s.forced_lp = [], []
+        for token, lp in zip(forced, lps):
+            self._accept(i, token, lp, forced=True)
+            if self._slots[i] is not s:
+                return False
+        return True
 
     # ------------------------------------------------------------------ decode
     def _decode(self, decoding: list[int]) -> None:
@@ -758,11 +908,21 @@ class Engine:
         self.stats.decode_steps += 1
         self.stats.slot_steps += len(decoding)
         for i in decoding:
-            self._accept(i, int(tok[i]), float(lp[i]), top_id[i], top_lp[i])
+            t = int(tok[i])
+            self._accept(i, t, self._token_lp(self._slots[i].handle, t, lp[i], top_id[i],
+                                              top_lp[i]))
 
     def _top_n(self, rows: list[int]) -> int:
         want = [self._slots[i].handle.logprobs for i in rows]
         return MAX_TOP_LOGPROBS if any(w for w in want if w) else 0
+
+    @staticmethod
+    def _token_lp(h: RequestHandle, token: int, logprob, top_id, top_lp) -> TokenLogprob | None:
+        if h.logprobs is None:
+            return None
+        k = h.logprobs
+        return TokenLogprob(token, float(logprob),
+                            tuple(zip(top_id[:k].tolist(), top_lp[:k].tolist())))
 
     def _next_mask(self, s: _Slot):
         c = s.handle.constraint
@@ -780,7 +940,10 @@ class Engine:
             raise ValueError(f"packed constraint mask has {m.shape[-1]} words, need {self.words}")
         return m.reshape(-1)[:self.words].astype(np.int32)
 
-    def _accept(self, i: int, token: int, logprob: float, top_id, top_lp) -> None:
+    def _accept(self, i: int, token: int, lp: TokenLogprob | None, *, forced: bool = False) -> None:
+        """One output token: log-prob, text, end checks, the step's output. A ``forced`` token
+        is already inside the constraint (``_jump`` took it); after a sampled one that does not
+        end the request, the grammar's next forced run is taken."""
         s = self._slots[i]
         h = s.handle
         if h.first_token_at is None:
@@ -788,13 +951,12 @@ class Engine:
         s.tokens.append(token)
         s.last_token = token
         lps = []
-        if h.logprobs is not None:
-            k = h.logprobs
-            lps = [TokenLogprob(token, logprob, tuple(zip(top_id[:k].tolist(), top_lp[:k].tolist())))]
-            s.logprobs.extend(lps)
+        if h.logprobs is not None and lp is not None:
+            lps = [lp]
+            s.logprobs.append(lp)
         text = s.detok.add(token) if s.detok is not None else ""
         reason = None
-        if h.constraint is not None:
+        if h.constraint is not None and not forced:
             try:
                 h.constraint.accept(token)
                 if h.constraint.is_terminated():
@@ -812,6 +974,8 @@ class Engine:
             s.text_parts.append(text)
         if reason is None:
             h._emit(StepOutput([token], text, lps))
+            if not forced:
+                self._jump(i)
         else:
             self._finish(i, reason, StepOutput([token], text, lps))
 

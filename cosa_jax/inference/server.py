@@ -291,7 +291,8 @@ def parse_constraint(body: Mapping) -> Any:
 
 class EngineConstraint:
     """A ``ConstraintState`` in the engine's per-slot protocol (next_mask / accept /
-    is_terminated): the packed llguidance bitmask is handed over as is."""
+    is_terminated, and forced_tokens for jump-forward): the packed llguidance bitmask is
+    handed over as is."""
 
     def __init__(self, state, words: int):
         import numpy as np
@@ -304,6 +305,9 @@ class EngineConstraint:
 
     def accept(self, token: int) -> None:
         self.state.accept(token)
+
+    def forced_tokens(self, limit: int) -> list[int]:
+        return self.state.forced_tokens(limit)
 
     def is_terminated(self) -> bool:
         return self.state.is_terminated

@@ -261,7 +261,10 @@ def _run(c):
     base = ChatModel.load(c.model)
     if "answers" in wanted:
         stage_answers(c, base)
-    with BackgroundServer(create_app(base, served_model_name="smollm2")) as srv:
+    # Judge requests are long prompts with short (mostly forced) outputs: prefill in large
+    # chunks, many rows at once (bench/results/2026-12-02_prefill/).
+    app = create_app(base, served_model_name="smollm2", chunk_sizes=(64, 128, 256), prefill_budget=4096)
+    with BackgroundServer(app) as srv:
         print(f"[demo] serving {c.model} at {srv.base_url} (generation for synthesis, and the judge)")
         judge = judge_setup(c, srv.base_url)
         synth_pairs = stage_synth(c, run, srv.base_url, judge) if "synth" in wanted else None

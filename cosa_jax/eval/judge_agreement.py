@@ -11,6 +11,7 @@ are counted, never scored as a wrong answer or a zero.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 

@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO))
 import bench.common  # noqa: E402,F401  (environment defaults)
 
 import datasets  # noqa: E402
+import ml_collections  # noqa: E402
 
 from cosa_jax.endpoint.journal import read_counts  # noqa: E402
 from cosa_jax.synth import stages  # noqa: E402
@@ -173,7 +174,7 @@ def synthesis_soak(minutes: float, requests: int, concurrency: int, fault_rate: 
     lost = j.get("pending", 0) + j.get("failed", 0)
     dup = 0
     if finished:
-        incomplete = [s for s in stages.STAGES if not stages.stage_complete({"out_dir": str(out)}, s)[0]]
+        incomplete = [s for s in stages.STAGES if not stages.stage_complete(ml_collections.ConfigDict({"out_dir": str(out)}), s)[0]]
         resp = datasets.load_from_disk(str(out / "responses"))
         lab = datasets.load_from_disk(str(out / "labelled_responses"))
         gen = json.loads((out / "summaries" / "generate_responses.json").read_text())

@@ -101,7 +101,7 @@ def stage_synth(c, run: Path, server_url: str, judge: dict) -> Path | None:
     s.judge.rating = c.judge.rating
     s.judge.calibration = judge["calibration"]
     try:
-        summary = stages.run_all(s)
+        stages.run_all(s)
     except stages.StageError as err:
         print(f"[demo] synthesis produced no usable pairs ({err}); training uses the shipped pairs")
         return None
@@ -109,11 +109,10 @@ def stage_synth(c, run: Path, server_url: str, judge: dict) -> Path | None:
     n = sum(1 for _ in pairs.open()) if pairs.exists() else 0
     lr = json.loads((Path(s.out_dir) / "summaries" / "label_responses.json").read_text())
     lp = json.loads((Path(s.out_dir) / "summaries" / "label_prompts.json").read_text())
-    verdicts = {"prompt_risk": {"valid": lp["prompts"] - lp["invalid_labels"], "n": lp["prompts"]},
-                **lr["judge_verdicts"]}
+    verdicts = {**lp["judge_verdicts"], **lr["judge_verdicts"]}
     print("[demo] synthesis judge verdicts: " + "; ".join(
-        f"{k} valid {v['valid']}/{v['n']} ({100 * v['valid'] / max(1, v['n']):.0f} %"
-        + (f", calibrated {v['calibrated']}" if "calibrated" in v else "") + ")" for k, v in verdicts.items()))
+        f"{k} valid {v['valid']}/{v['n']} ({100 * v['valid'] / max(1, v['n']):.0f} %, calibrated "
+        f"{v['calibrated']})" for k, v in verdicts.items()))
     print(f"[demo] synthesized {n} training pairs -> {pairs} (addressed rate "
           f"{lr['addressed_rate']:.2f}, label groups per prompt in {run / 'synth' / 'summaries'})")
     if not n:

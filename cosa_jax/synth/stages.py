@@ -470,6 +470,7 @@ def label_prompts(cfg: Any) -> dict[str, Any]:
         "invalid_labels": n_invalid,
         "lenient_labels": n_lenient,
         "judge_modes": modes,
+        "judge_verdicts": {"prompt_risk": judges.verdict_counts(results)},
         "judge_reasks": n_retried,
         "dropped_small_groups": n_small,
         "dropped_over_cap": n_capped,
